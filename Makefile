@@ -1,0 +1,31 @@
+# featcache: `make sweep` runs the main job, `make test` the test suite. Each builds .venv when needed.
+PYTHON ?= python3
+PIPELINE ?= pipelines/digits.yaml
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install extract sweep test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+extract: $(STAMP)
+	$(BIN)/featcache extract $(PIPELINE) --if-missing
+
+sweep: extract
+	$(BIN)/featcache sweep $(PIPELINE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_extract.py
+
+clean:
+	rm -rf cache results

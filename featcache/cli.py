@@ -1,0 +1,96 @@
+"""The `featcache` command line. User mistakes end as one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from featcache.errors import FeatcacheError
+
+
+@click.group()
+@click.version_option(package_name="featcache")
+def cli():
+    """Extract backbone features once; replay post-hoc OOD detectors from the cache."""
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["h5", "zarr"]), default=None,
+              help="Cache format; by default the suffix of the pipeline's `cache:` path (HDF5 unless .zarr).")
+@click.option("--out", type=click.Path(), default=None, help="Cache path (default: the pipeline's `cache:`).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at the output path.")
+@click.option("--if-missing", is_flag=True, help="Do nothing if the cache already exists (as `make extract` does).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, quiet):
+    """Run the backbone once per split of PIPELINE and write its feature cache.
+
+    An interrupted extraction leaves <cache>.partial; running the same command again resumes it.
+    """
+    from pathlib import Path
+
+    from featcache.config import load_pipeline
+    from featcache.extract.runner import extract as run_extract
+
+    spec = load_pipeline(pipeline)
+    target = Path(out) if out else spec.cache
+    target = target.with_suffix("." + fmt) if fmt else target
+    if if_missing and target.exists() and not overwrite:
+        click.echo(f"{target} exists; not extracting again (use --overwrite to redo it)")
+        return
+    path = run_extract(spec, out=target, overwrite=overwrite,
+                       batch_size=batch_size, progress=not quiet)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("cache", type=click.Path())
+def info(cache):
+    """Print each split's role, shapes, dtypes and completeness, and the cache's provenance."""
+    from featcache.cache.reader import open_cache
+    from featcache.cache.schema import ROOT_ATTRS, SPLIT_ARRAYS
+
+    with open_cache(cache) as c:
+        click.echo(f"{c.path} ({c.format})")
+        for key in ROOT_ATTRS:
+            click.echo(f"  {key}: {c.attrs.get(key, '(missing)')}")
+        weight = c.store.shape("/head/weight")
+        click.echo(f"  head: weight {weight} bias {c.store.shape('/head/bias')}")
+        click.echo("splits:")
+        for split in c.splits(allow_incomplete=True):
+            attrs = split.attrs
+            status = "complete" if split.complete else f"INCOMPLETE ({attrs.get('rows_written', 0)}/{split.n} rows)"
+            extra = f" corruption={attrs.get('corruption')} severity={attrs.get('severity')}" if split.role == "pseudo_ood" else ""
+            click.echo(f"  {split.name}: role={split.role} n={split.n} source={attrs.get('source')} {status}{extra}")
+            for key in SPLIT_ARRAYS:
+                if split.has(key):
+                    click.echo(f"    {key:<9} {split.dtype(key):<8} {split.shape(key)}")
+                else:
+                    click.echo(f"    {key:<9} MISSING")
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="featcache", standalone_mode=False)
+    except FeatcacheError as exc:
+        click.echo(f"featcache: error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("featcache: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("featcache: interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        click.echo(f"featcache: error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

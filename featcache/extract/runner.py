@@ -1,0 +1,194 @@
+"""Stage one: run the backbone once per split and write the cache of shared/cache-schema.md."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import featcache
+from featcache.cache.writer import CacheWriter, fingerprint
+from featcache.config import Pipeline, load_manifest, manifest_entry
+from featcache.errors import FeatcacheError
+from featcache.extract.backbones import (
+    accuracy,
+    build_backbone,
+    file_sha256,
+    load_checkpoint,
+    state_dict_sha256,
+    train_classifier,
+)
+from featcache.extract.datasets import load_dataset
+from featcache.extract.layers import Layers, find_layers
+
+# float32 logits from the model and from features @ W.T + b agree to a few ulps of the magnitude of
+# the terms summed; this bound scales with that magnitude instead of the (possibly cancelling) result.
+LOGIT_RTOL = 1e-4
+
+
+def check_logits(features: np.ndarray, logits: np.ndarray, weight: np.ndarray, bias: np.ndarray, where: str):
+    """Refuse a batch whose logits are not `features @ weight.T + bias` to float32 tolerance."""
+    f64 = features.astype(np.float64)
+    expected = f64 @ weight.T.astype(np.float64) + bias
+    scale = np.abs(f64) @ np.abs(weight.T.astype(np.float64)) + np.abs(bias) + 1e-6
+    bad = np.abs(logits - expected) > LOGIT_RTOL * scale
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise FeatcacheError(
+            f"{where}: logits differ from features @ head.weight.T + head.bias (first at row {row}, "
+            f"{int(bad.sum())} entries); the head is not a plain linear layer on the pooled feature"
+        )
+
+
+def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) -> tuple[nn.Module, str]:
+    """The pipeline's model in eval mode with its weights, and the sha256 identifying them.
+
+    A missing checkpoint is trained in the repo when the pipeline says how (`backbone.train`),
+    then kept with a `.sha256` file beside it and reused on later runs.
+    """
+    spec = pipeline.backbone
+    model = build_backbone(spec)
+    checkpoint = spec.get("checkpoint")
+    if checkpoint in (None, "random"):
+        torch.manual_seed(int(spec.get("seed", 0)))
+        model = build_backbone(spec)  # re-seeded so random weights are reproducible
+        return model.eval(), state_dict_sha256(model)
+    checkpoint = Path(checkpoint)
+    sidecar = checkpoint.with_name(checkpoint.name + ".sha256")
+    if not checkpoint.exists():
+        train = spec.get("train")
+        if not train:
+            raise FeatcacheError(f"{checkpoint}: checkpoint not found (and the pipeline gives no backbone.train)")
+        train = dict(train)
+        data = load_dataset(train.pop("dataset"), manifest, pipeline.manifest_path)
+        evaluate = train.pop("evaluate", None)
+        min_accuracy = train.pop("min_accuracy", None)
+        train_classifier(model, data.images, data.labels, progress=progress, **train)
+        if evaluate:
+            test = load_dataset(evaluate, manifest, pipeline.manifest_path)
+            acc = accuracy(model, test.images, test.labels)
+            print(f"trained {spec['name']}: {evaluate} accuracy {100 * acc:.2f}%")
+            if min_accuracy is not None and acc < min_accuracy:
+                raise FeatcacheError(f"{spec['name']}: {evaluate} accuracy {acc:.4f} is below min_accuracy {min_accuracy}")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, checkpoint)
+        sidecar.write_text(file_sha256(checkpoint) + "\n")
+    sha = file_sha256(checkpoint)
+    if sidecar.exists() and sidecar.read_text().split()[0] != sha:
+        raise FeatcacheError(f"{checkpoint}: sha256 does not match {sidecar.name}; the checkpoint changed "
+                             "(delete both to retrain)")
+    load_checkpoint(model, checkpoint)
+    return model.eval(), sha
+
+
+class FeatureExtractor:
+    """Pooled feature, pre-pool channel statistics and logits of a batch, in one forward pass."""
+
+    def __init__(self, model: nn.Module, layers: Layers):
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.layers = layers
+        head = dict(model.named_modules())[layers.head]
+        self.weight = head.weight.detach().cpu().numpy().astype(np.float32)
+        self.bias = (head.bias.detach().cpu().numpy() if head.bias is not None
+                     else np.zeros(head.out_features)).astype(np.float32)
+        nodes = {layers.prepool: "prepool", layers.feature: "features", layers.head: "logits"}
+        self.net = create_feature_extractor(model, return_nodes=nodes).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> dict:
+        out = self.net(images)
+        prepool = out["prepool"]
+        if prepool.ndim != 4:
+            raise FeatcacheError(f"pre-pool node {self.layers.prepool!r} gives shape {tuple(prepool.shape)}, not (N, C, H, W)")
+        features = out["features"].flatten(1)
+        return {
+            "features": features.float().cpu().numpy(),
+            "chan_max": prepool.amax(dim=(2, 3)).float().cpu().numpy(),
+            "chan_mean": prepool.mean(dim=(2, 3)).float().cpu().numpy(),
+            "logits": out["logits"].float().cpu().numpy(),
+        }
+
+
+def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
+    entries = [manifest_entry(manifest, name, pipeline.manifest_path) for name in pipeline.splits]
+    roles = [e["role"] for e in entries]
+    for e in entries:
+        if e["role"] == "train":
+            raise FeatcacheError(f"{pipeline.path}: split {e['name']!r} has role 'train' (backbone training only); "
+                                 "it cannot go into a cache")
+    for role in ("id_train", "id_val", "id_test"):
+        if roles.count(role) != 1:
+            raise FeatcacheError(f"{pipeline.path}: splits need exactly one {role} dataset, found {roles.count(role)}")
+    if "ood" not in roles:
+        raise FeatcacheError(f"{pipeline.path}: splits need at least one ood dataset")
+    return entries
+
+
+def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: bool = False,
+            batch_size: int | None = None, progress: bool = True) -> Path:
+    """Write (or resume) the pipeline's cache; returns its path."""
+    from tqdm import tqdm
+
+    out = Path(out) if out else pipeline.cache
+    if fmt:
+        out = out.with_suffix("." + fmt)
+    manifest = load_manifest(pipeline.manifest_path)
+    entries = validate_splits(pipeline, manifest)
+    writer = CacheWriter(out, overwrite=overwrite)  # refuses an existing output before any work
+    model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress)
+    spec = pipeline.backbone
+    layers = find_layers(model, spec.get("feature_layer"), spec.get("prepool_layer"))
+    extractor = FeatureExtractor(model, layers)
+    batch_size = int(batch_size or pipeline.extract.get("batch_size", 256))
+    root_attrs = dict(
+        featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=spec["name"],
+        checkpoint_sha256=checkpoint_sha, feature_layer=layers.feature, prepool_layer=layers.prepool,
+    )
+    resumed = writer.open(root_attrs, extractor.weight, extractor.bias)
+    if resumed and progress:
+        print(f"resuming {writer.partial}")
+    preprocessing, split_ids = {}, {}
+    try:
+        for entry in entries:
+            name = entry["name"]
+            data = load_dataset(name, manifest, pipeline.manifest_path)
+            preprocessing[name] = {"source": entry["source"], "transform": entry["transform"]}
+            split_ids[name] = data.ids
+            extra = {}
+            if entry["role"] == "pseudo_ood":
+                extra = {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
+            split = _open_split(writer, name, entry, data, extractor, layers, extra)
+            if split.complete:
+                continue
+            bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
+                       disable=not progress, leave=False)
+            for start in range(split.rows_written, len(data), batch_size):
+                stop = min(start + batch_size, len(data))
+                batch = extractor(torch.from_numpy(data.images[start:stop]))
+                check_logits(batch["features"], batch["logits"], extractor.weight, extractor.bias,
+                             f"split {name!r} rows {start}-{stop}")
+                batch["labels"] = data.labels[start:stop]
+                batch["ids"] = data.ids[start:stop]
+                split.append(batch)
+                bar.update(stop - start)
+            bar.close()
+            split.finish()
+        return writer.finish(fingerprint(extractor.weight, extractor.bias, preprocessing, split_ids))
+    finally:
+        writer.close()
+
+
+def _open_split(writer, name, entry, data, extractor, layers, extra):
+    # The channel count is known only from a forward pass: run one sample to size the arrays.
+    probe = extractor(torch.from_numpy(data.images[:1]))
+    dims = {"D": probe["features"].shape[1], "C": probe["chan_max"].shape[1], "K": probe["logits"].shape[1]}
+    if dims["D"] != extractor.weight.shape[1]:
+        raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")
+    return writer.split(name, role=entry["role"], source=name, n=len(data), dims=dims,
+                        chan_mean_is_features=layers.mean_pooled, extra_attrs=extra)

@@ -1,0 +1,200 @@
+"""What every method sees, and the registry that names them.
+
+A method is a function `score(data, head, fit, **params) -> Output`: `data` holds one split's cached
+arrays, `head` the linear layer, `fit` statistics of the id_train split. It returns a score per
+sample (higher = more in-distribution) and the logits of the head it used, for ID accuracy.
+Methods are registered with `@register`, one module per family; `get_method` also builds
+`nap+<method>` combinations.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+from scipy.special import logsumexp
+
+from featcache.errors import FeatcacheError
+
+
+@dataclass
+class Head:
+    weight: np.ndarray  # (K, D) float32
+    bias: np.ndarray  # (K,) float32
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
+        return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
+
+
+ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
+
+
+class SplitData:
+    """One split's arrays, given directly or read on first use through `loader(name)`."""
+
+    def __init__(self, name: str, loader: Callable | None = None, **arrays):
+        self.name = name
+        self._loader = loader
+        for key, value in arrays.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, key):
+        # only reached when the attribute is not set yet
+        if key in ARRAYS and self.__dict__.get("_loader") is not None:
+            value = self._loader(key)
+            setattr(self, key, value)
+            return value
+        raise AttributeError(f"split {self.__dict__.get('name')!r} has no array {key!r}")
+
+    def __len__(self):
+        return len(self.logits)
+
+    def take(self, index: np.ndarray) -> "SplitData":
+        """The same split restricted to rows `index`."""
+        return SplitData(self.name, **{k: getattr(self, k)[index] for k in ARRAYS})
+
+
+class Fit:
+    """Statistics of the id_train split that methods fit on, each computed once."""
+
+    def __init__(self, id_train: SplitData, seed: int = 0):
+        self.data = id_train
+        self.seed = seed
+        self._memo: dict = {}
+
+    def memo(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def feature_percentile(self, q: float) -> float:
+        """np.percentile (linear) over every entry of the id_train features: ReAct's clip."""
+        return self.memo(("percentile", q), lambda: float(np.percentile(self.data.features, q)))
+
+    @cached_property
+    def mean_feature(self) -> np.ndarray:
+        return self.data.features.astype(np.float64).mean(axis=0)
+
+    def subsample(self, n: int) -> np.ndarray:
+        """Row indices of n random id_train samples (all if fewer), fixed by `seed`."""
+        total = len(self.data)
+        if total <= n:
+            return np.arange(total)
+        return np.sort(np.random.default_rng(self.seed).choice(total, n, replace=False))
+
+
+@dataclass
+class Output:
+    scores: np.ndarray  # (N,) float64, higher = more in-distribution
+    logits: np.ndarray  # (N, K) logits of the head actually used
+
+
+def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
+    """T * logsumexp(f / T), in float64."""
+    return T * logsumexp(np.asarray(logits, dtype=np.float64) / T, axis=1)
+
+
+# --- parameters -----------------------------------------------------------------------------------
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+CHECKS = {
+    "p": (lambda v: _finite(v) and 0 <= v < 100, "a number in [0, 100)"),
+    "percentile": (lambda v: _finite(v) and 0 <= v <= 100, "a number in [0, 100]"),
+    "w": (lambda v: _finite(v) and 0 < v < 1, "a number in (0, 1)"),
+    "T": (lambda v: _finite(v) and v > 0, "a positive number"),
+    "k": (lambda v: _finite(v) and v > 0, "a positive number"),
+    "eps": (lambda v: _finite(v) and v > 0, "a positive number"),
+    "alpha_scale": (lambda v: _finite(v) and v > 0, "a positive number"),
+    "alpha": (_finite, "a finite number"),
+    "clip": (_finite, "a finite number"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    defaults: dict  # every parameter the method takes, with its default (None: one of a choice)
+    positive: str = "exp"  # how nap+ makes the score positive: "exp" (log-domain) or "identity" (> 0)
+    one_of: tuple = ()  # groups of parameters of which at most one may be given
+    paper_default: dict | None = None
+    integer: tuple = ()  # parameters that must be integers (k of KNN)
+
+    def resolve(self, params: dict) -> dict:
+        """Defaults filled in and every value checked; errors name the method, parameter and value."""
+        params = dict(params)
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            takes = ", ".join(self.defaults) or "no parameters"
+            raise FeatcacheError(f"{self.name}: unknown parameter {unknown[0]!r}{hint} (it takes {takes})")
+        for group in self.one_of:
+            given = [g for g in group if params.get(g) is not None]
+            if len(given) > 1:
+                raise FeatcacheError(f"{self.name}: give only one of {' or '.join(group)}, not both")
+            chosen = given[0] if given else group[0]
+            for other in group:
+                params[other] = params.get(chosen, self.defaults[chosen]) if other == chosen else None
+        full = {k: params[k] if k in params else v for k, v in self.defaults.items()}
+        for key, value in full.items():
+            if value is None and any(key in g for g in self.one_of):
+                continue
+            ok, what = CHECKS.get(key, (lambda v: True, ""))
+            if key in self.integer and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise FeatcacheError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            if not ok(value):
+                raise FeatcacheError(f"{self.name}: {key} must be {what}, got {value!r}")
+        return {k: v for k, v in full.items() if v is not None}
+
+    def __call__(self, data: SplitData, head: Head, fit: Fit, **params) -> Output:
+        return self.fn(data, head, fit, **params)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, defaults: dict | None = None, positive: str = "exp", one_of: tuple = (),
+             paper_default: dict | None = None, integer: tuple = ()):
+    """Register `fn(data, head, fit, **params) -> Output` under `name`."""
+
+    def wrap(fn):
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        REGISTRY[name] = Method(name, fn, dict(defaults or {}), positive, one_of, paper_default, integer)
+        return fn
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return sorted(REGISTRY) + ["nap+<method>"]
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`, or the NAP combination `nap+<method>`."""
+    import featcache.methods  # noqa: F401  (registers every family)
+
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith("nap+"):
+        from featcache.methods.nap import combine
+
+        base = name[4:]
+        if base.startswith("nap"):
+            raise FeatcacheError(f"{name}: NAP cannot be combined with itself")
+        return combine(get_method(base))
+    candidates = list(REGISTRY) + [f"nap+{m}" for m in REGISTRY if m != "nap"]
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise FeatcacheError(f"unknown method {name!r}{hint}")

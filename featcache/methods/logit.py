@@ -1,0 +1,38 @@
+"""Scores on the original logits: MSP, MaxLogit and Energy."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+
+from featcache.methods.base import Output, energy, register
+
+
+def msp_score(logits: np.ndarray) -> np.ndarray:
+    """max_j softmax(f)_j (Hendrycks & Gimpel, 2017)."""
+    return softmax(np.asarray(logits, dtype=np.float64), axis=1).max(axis=1)
+
+
+def maxlogit_score(logits: np.ndarray) -> np.ndarray:
+    """max_j f_j (Hendrycks et al., 2022)."""
+    return np.asarray(logits, dtype=np.float64).max(axis=1)
+
+
+def energy_score(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
+    """T * logsumexp(f / T), the negative free energy (Liu et al., 2020)."""
+    return energy(logits, T)
+
+
+@register("msp", positive="identity")
+def msp(data, head, fit):
+    return Output(msp_score(data.logits), data.logits)
+
+
+@register("maxlogit")
+def maxlogit(data, head, fit):
+    return Output(maxlogit_score(data.logits), data.logits)
+
+
+@register("energy", defaults={"T": 1.0}, paper_default={"T": 1.0})
+def energy_method(data, head, fit, T):
+    return Output(energy_score(data.logits, T), data.logits)

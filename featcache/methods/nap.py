@@ -1,0 +1,56 @@
+"""NAP, neural activation patterns (seeds/nap-paper.txt), alone and combined with any score.
+
+S_NAP = mean_c (max_c / (mean_c + eps))^2 over the channels of the post-activation pre-pool map,
+eps = 1.0.
+
+Combination with a score X: S = S_X^w * S_NAP^(1 - w), w in (0, 1). A real power of a negative
+S_X is NaN and energies can be negative, so S_X is first made positive by a monotone transform
+stated per method:
+- "exp" (energy-like scores: energy, ASH, ReAct, RG, MaxLogit, DICE, SCALE, KNN): S_X' = exp(S_X);
+  for energy that is the softmax denominator sum_j exp(f_j).
+- "identity" (scores that are always positive: MSP, GradNorm): S_X' = S_X.
+The score reported is log S = w * log S_X' + (1 - w) * log S_NAP, which ranks samples exactly as S
+does and cannot overflow. A sample with S_NAP = 0 (an all-zero map) gets -inf, the bottom rank.
+Prediction and ID accuracy are those of X.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.methods.base import Method, Output, register
+
+NAP_EPS = 1.0
+
+
+def nap_score(chan_max: np.ndarray, chan_mean: np.ndarray, eps: float = NAP_EPS) -> np.ndarray:
+    """mean_c (max_c / (mean_c + eps))^2 per sample."""
+    ratio = np.asarray(chan_max, np.float64) / (np.asarray(chan_mean, np.float64) + eps)
+    return np.mean(ratio**2, axis=1)
+
+
+def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, positive: str) -> np.ndarray:
+    """log(S_X'^w * S_NAP^(1-w)) with S_X' = exp(S_X) or S_X; see the module docstring."""
+    with np.errstate(divide="ignore"):
+        log_x = s_x if positive == "exp" else np.log(s_x)
+        return w * log_x + (1 - w) * np.log(s_nap)
+
+
+@register("nap", defaults={"eps": NAP_EPS}, positive="identity")
+def nap(data, head, fit, eps):
+    return Output(nap_score(data.chan_max, data.chan_mean, eps), data.logits)
+
+
+def combine(base: Method) -> Method:
+    """The method nap+<base>: parameters w (default 0.5) and eps, plus all of base's."""
+    if "w" in base.defaults or "eps" in base.defaults:
+        raise ValueError(f"{base.name}: parameter names clash with NAP's w and eps")
+
+    def score(data, head, fit, w, eps, **params):
+        out = base.fn(data, head, fit, **params)
+        s_nap = nap_score(data.chan_max, data.chan_mean, eps)
+        return Output(combine_scores(out.scores, s_nap, w, base.positive), out.logits)
+
+    paper = {"w": 0.5, **(base.paper_default or {})} if base.paper_default is not None else None
+    return Method(f"nap+{base.name}", score, {"w": 0.5, "eps": NAP_EPS, **base.defaults}, base.positive,
+                  base.one_of, paper, base.integer)

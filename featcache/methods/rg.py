@@ -1,0 +1,58 @@
+"""RG, rectified-guided scores (seeds/rg-paper.txt): an output-space energy times or plus a
+feature-space term sum_i min(x_i, k). The output term always uses the ORIGINAL logits.
+
+- Multiplicative (`rg`): G = T * logsumexp(f / T) * sum_i min(x_i, k); negative when the energy is,
+  and kept so (no logarithm of it is taken).
+- Additive (`rg_add`): G = logsumexp(f) + alpha * sum_i min(x_i, k). alpha is given, or is
+  alpha_scale * alpha_s where alpha_s = std(logsumexp(f)) / std(sum_i min(x_i, k)) over 1,000
+  id_train samples drawn with numpy's default_rng(0) (all of them when there are fewer), population
+  standard deviations (ddof = 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.methods.base import Output, energy, register
+
+
+def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
+    """sum_i min(x_i, k) per sample, in float64."""
+    return np.minimum(x, np.float32(k)).sum(axis=1, dtype=np.float64)
+
+
+def rg_score(logits: np.ndarray, x: np.ndarray, k: float = 1.0, T: float = 1.0) -> np.ndarray:
+    return energy(logits, T) * clipped_sum(x, k)
+
+
+def rg_add_score(logits: np.ndarray, x: np.ndarray, k: float, alpha: float) -> np.ndarray:
+    return energy(logits) + alpha * clipped_sum(x, k)
+
+
+ALPHA_SAMPLES = 1000
+
+
+def alpha_s(fit, k: float) -> float:
+    """The alpha that equalises the standard deviations of the two terms on id_train."""
+
+    def compute():
+        rows = fit.subsample(ALPHA_SAMPLES)
+        output_term = energy(fit.data.logits[rows])
+        feature_term = clipped_sum(fit.data.features[rows], k)
+        spread = feature_term.std()
+        return float(output_term.std() / spread) if spread > 0 else 0.0
+
+    return fit.memo(("alpha_s", k), compute)
+
+
+@register("rg", defaults={"k": 1.0, "T": 1.0}, paper_default={"k": 1.0, "T": 1.0})
+def rg(data, head, fit, k, T):
+    return Output(rg_score(data.logits, data.features, k, T), data.logits)
+
+
+@register("rg_add", defaults={"k": 1.0, "alpha_scale": 1.0, "alpha": None}, one_of=(("alpha_scale", "alpha"),),
+          paper_default={"k": 1.0, "alpha_scale": 1.0})
+def rg_add(data, head, fit, k, alpha_scale=None, alpha=None):
+    if alpha is None:
+        alpha = alpha_scale * alpha_s(fit, k)
+    return Output(rg_add_score(data.logits, data.features, k, alpha), data.logits)

@@ -16,7 +16,6 @@ from functools import cached_property
 from typing import Callable
 
 import numpy as np
-from scipy.special import logsumexp
 
 from featcache.errors import FeatcacheError
 
@@ -94,9 +93,15 @@ class Output:
     logits: np.ndarray  # (N, K) logits of the head actually used
 
 
+def logsumexp_rows(z: np.ndarray) -> np.ndarray:
+    """log(sum_j exp(z_j)) per row, shifted by the row maximum so it cannot overflow."""
+    top = z.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+
+
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
     """T * logsumexp(f / T), in float64."""
-    return T * logsumexp(np.asarray(logits, dtype=np.float64) / T, axis=1)
+    return T * logsumexp_rows(np.asarray(logits, dtype=np.float64) / T)
 
 
 # --- parameters -----------------------------------------------------------------------------------
@@ -193,7 +198,8 @@ def get_method(name: str) -> Method:
         base = name[4:]
         if base.startswith("nap"):
             raise FeatcacheError(f"{name}: NAP cannot be combined with itself")
-        return combine(get_method(base))
+        if base in REGISTRY:
+            return combine(REGISTRY[base])
     candidates = list(REGISTRY) + [f"nap+{m}" for m in REGISTRY if m != "nap"]
     close = difflib.get_close_matches(name, candidates, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
-
-from featcache.methods.base import Output, energy, register
+from featcache.methods.base import Output, energy, logsumexp_rows, register
 
 
 def msp_score(logits: np.ndarray) -> np.ndarray:
     """max_j softmax(f)_j (Hendrycks & Gimpel, 2017)."""
-    return softmax(np.asarray(logits, dtype=np.float64), axis=1).max(axis=1)
+    f = np.asarray(logits, dtype=np.float64)
+    return np.exp(f.max(axis=1) - logsumexp_rows(f))
 
 
 def maxlogit_score(logits: np.ndarray) -> np.ndarray:

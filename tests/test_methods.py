@@ -1,0 +1,306 @@
+"""Every method against a brute-force version written from its formula, one sample at a time."""
+
+import math
+
+import numpy as np
+import pytest
+
+from featcache.errors import FeatcacheError
+from featcache.methods import Fit, Head, SplitData, get_method
+
+K, D, C = 7, 24, 24
+
+
+# --- brute-force references (plain Python loops, float64) ----------------------------------------
+
+def bf_logsumexp(v):
+    m = max(v)
+    return m + math.log(sum(math.exp(a - m) for a in v))
+
+
+def bf_energy(f, T=1.0):
+    return T * bf_logsumexp([a / T for a in f])
+
+
+def bf_head(x, w, b):
+    return [sum(float(w[j][i]) * float(x[i]) for i in range(len(x))) + float(b[j]) for j in range(len(b))]
+
+
+def bf_keep(x, p):
+    """Indices of the k largest entries, k = n - round(n p / 100) half to even; ties: lowest index first."""
+    n = len(x)
+    k = n - int(round(n * p / 100))  # Python's round is half-to-even too
+    return sorted(range(n), key=lambda i: (-x[i], i))[:k], k
+
+
+def bf_ash(x, p, kind):
+    keep, k = bf_keep(list(x), p)
+    s1 = sum(float(v) for v in x)
+    out = [0.0] * len(x)
+    for i in keep:
+        out[i] = float(x[i])
+    if kind == "p":
+        return out
+    if kind == "b":
+        return [s1 / k if i in keep else 0.0 for i in range(len(x))] if k else [0.0] * len(x)
+    s2 = sum(out)
+    scale = 1.0 if s2 == 0 else math.exp(s1 / s2)
+    return [v * scale for v in out]
+
+
+def bf_percentile(values, q):
+    v = sorted(values)
+    pos = q / 100 * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def bf_nap(mx, mn, eps=1.0):
+    return sum((a / (b + eps)) ** 2 for a, b in zip(mx, mn)) / len(mx)
+
+
+def bf_std(v):
+    mu = sum(v) / len(v)
+    return math.sqrt(sum((a - mu) ** 2 for a in v) / len(v))
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def make_split(rng, n, name="s", ties=True, scale=1.0, logit_shift=0.0):
+    x = np.maximum(rng.normal(0.3, 1.0, size=(n, D)), 0).astype(np.float32) * scale
+    if ties:
+        x = (np.round(x * 4) / 4).astype(np.float32)  # many exact ties, zeros included
+        x[0] = 0.0  # an all-zero feature: s2 = 0 for ASH-S
+        x[1, :] = 0.5  # every entry tied
+    chan_max = x + np.abs(rng.normal(size=(n, C))).astype(np.float32)
+    w = make_split.w
+    b = make_split.b
+    logits = (x @ w.T + b + logit_shift).astype(np.float32)
+    return SplitData(name, features=x, chan_max=chan_max, chan_mean=x.copy(), logits=logits,
+                     labels=rng.integers(0, K, size=n), ids=np.array([f"{name}/{i}" for i in range(n)]))
+
+
+@pytest.fixture
+def setup(rng):
+    make_split.w = rng.normal(0, 0.5, size=(K, D)).astype(np.float32)
+    make_split.b = rng.normal(0, 0.1, size=K).astype(np.float32)
+    head = Head(make_split.w, make_split.b)
+    fit = Fit(make_split(rng, 60, "train", ties=False))
+    data = make_split(rng, 30, "test")
+    return head, fit, data
+
+
+def run(name, setup, data=None, **params):
+    head, fit, default = setup
+    method = get_method(name)
+    return method(data or default, head, fit, **method.resolve(params))
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=atol)
+
+
+# --- logit scores --------------------------------------------------------------------------------
+
+def test_msp_maxlogit_energy(setup):
+    _, _, data = setup
+    f = data.logits.astype(np.float64)
+    msp = [max(math.exp(a - bf_logsumexp(row)) for a in row) for row in f]
+    assert_close(run("msp", setup).scores, msp)
+    assert_close(run("maxlogit", setup).scores, [max(row) for row in f])
+    for T in (1.0, 0.5, 3.0):
+        assert_close(run("energy", setup, T=T).scores, [bf_energy(row, T) for row in f])
+
+
+# --- ASH -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["p", "b", "s"])
+@pytest.mark.parametrize("p", [0, 10, 50, 65, 90, 95, 99])
+def test_ash_against_brute_force(setup, kind, p):
+    head, _, data = setup
+    out = run(f"ash_{kind}", setup, p=p)
+    expected_logits, expected = [], []
+    for x in data.features:
+        f = bf_head(bf_ash(x, p, kind), head.weight, head.bias)
+        expected_logits.append(f)
+        expected.append(bf_energy(f))
+    assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert_close(out.scores, expected, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(out.scores).all()
+
+
+def test_ash_s_with_all_zero_feature_gives_the_bias(setup):
+    head, _, data = setup
+    out = run("ash_s", setup, p=90)
+    assert_close(out.logits[0], head.bias)  # row 0 is all zero: s2 = 0, scale 1, logits = b
+    assert_close(out.scores[0], bf_energy(head.bias.astype(float)))
+
+
+def test_ash_keep_count_rounds_half_to_even():
+    from featcache.methods.ash import keep_count
+
+    assert keep_count(10, 25) == 8  # 2.5 rounds to 2
+    assert keep_count(10, 35) == 6  # 3.5 rounds to 4
+    assert keep_count(2048, 65) == 2048 - 1331
+    assert keep_count(64, 99.9) == 0
+
+
+def test_ash_p_at_zero_keeps_everything(setup):
+    _, _, data = setup
+    assert_close(run("ash_p", setup, p=0).scores, run("energy", setup).scores, rtol=1e-5, atol=1e-5)
+
+
+def test_ash_rand(setup):
+    head, fit, data = setup
+    p, seed = 65, 3
+    out = run("ash_rand", setup, p=p, seed=seed)
+    from featcache.methods.ash import ash_rand_features
+
+    shaped = ash_rand_features(data.features, p, seed, data.ids)
+    for x, row in zip(data.features, shaped):
+        keep, k = bf_keep(list(x), p)
+        assert set(np.flatnonzero(row)) == set(keep) and len(keep) == k
+        assert ((row[keep] >= 0) & (row[keep] <= 10)).all()
+    assert_close(out.scores, [bf_energy(bf_head(r, head.weight, head.bias)) for r in shaped])
+    # same draws for the same sample id whatever the order; a different seed draws differently
+    perm = np.random.default_rng(0).permutation(len(data.features))
+    assert_close(ash_rand_features(data.features[perm], p, seed, data.ids[perm]), shaped[perm])
+    assert not np.allclose(ash_rand_features(data.features, p, seed + 1, data.ids), shaped)
+
+
+# --- ReAct ---------------------------------------------------------------------------------------
+
+def test_react_percentile_comes_from_id_train(setup):
+    head, fit, data = setup
+    for q in (85, 90, 95):
+        c = bf_percentile([float(v) for v in fit.data.features.ravel()], q)
+        expected = [bf_energy(bf_head([min(float(v), c) for v in x], head.weight, head.bias)) for x in data.features]
+        assert_close(run("react", setup, percentile=q).scores, expected)
+
+
+def test_react_with_given_clip(setup):
+    head, _, data = setup
+    expected = [bf_energy(bf_head([min(float(v), 0.7) for v in x], head.weight, head.bias)) for x in data.features]
+    assert_close(run("react", setup, clip=0.7).scores, expected)
+
+
+@pytest.mark.parametrize("kind", ["p", "b", "s"])
+def test_react_then_ash(setup, kind):
+    head, _, data = setup
+    expected = []
+    for x in data.features:
+        clipped = np.array([min(float(v), 1.0) for v in x])
+        expected.append(bf_energy(bf_head(bf_ash(clipped, 80, kind), head.weight, head.bias)))
+    assert_close(run(f"react+ash_{kind}", setup, clip=1.0, p=80).scores, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- RG ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, T", [(0.5, 1.0), (1.0, 1.0), (0.7, 2.0)])
+def test_rg_multiplicative(setup, k, T):
+    _, _, data = setup
+    expected = [bf_energy(f, T) * sum(min(float(v), k) for v in x) for f, x in zip(data.logits, data.features)]
+    assert_close(run("rg", setup, k=k, T=T).scores, expected)
+
+
+def test_rg_keeps_the_sign_of_negative_energies(rng, setup):
+    head, fit, _ = setup
+    data = make_split(rng, 20, "neg", logit_shift=-30.0)
+    out = run("rg", setup, data=data, k=1.0)
+    expected = [bf_energy(f) * sum(min(float(v), 1.0) for v in x) for f, x in zip(data.logits, data.features)]
+    assert (np.asarray(expected)[2:] < 0).all()
+    assert_close(out.scores, expected)
+
+
+def test_rg_additive_alpha_s(setup):
+    _, fit, data = setup
+    k = 0.7
+    lse = [bf_energy(f) for f in fit.data.logits]  # fewer than 1,000 id_train samples: all of them
+    feat = [sum(min(float(v), k) for v in x) for x in fit.data.features]
+    alpha_s = bf_std(lse) / bf_std(feat)
+    for scale in (0.3, 1.0):
+        expected = [bf_energy(f) + scale * alpha_s * sum(min(float(v), k) for v in x)
+                    for f, x in zip(data.logits, data.features)]
+        assert_close(run("rg_add", setup, k=k, alpha_scale=scale).scores, expected)
+    expected = [bf_energy(f) + 2.5 * sum(min(float(v), k) for v in x) for f, x in zip(data.logits, data.features)]
+    assert_close(run("rg_add", setup, k=k, alpha=2.5).scores, expected)
+
+
+# --- NAP -----------------------------------------------------------------------------------------
+
+def test_nap(setup):
+    _, _, data = setup
+    expected = [bf_nap(mx, mn) for mx, mn in zip(data.chan_max, data.chan_mean)]
+    assert_close(run("nap", setup).scores, expected)
+
+
+@pytest.mark.parametrize("shift", [0.0, -40.0])  # -40 makes every energy negative
+@pytest.mark.parametrize("w", [0.2, 0.5, 0.8])
+def test_nap_energy_combination(rng, setup, shift, w):
+    data = make_split(rng, 25, "n", logit_shift=shift)
+    out = run("nap+energy", setup, data=data, w=w)
+    # S = exp(E)^w * S_NAP^(1-w), computed directly (small enough here not to overflow); score = log S
+    expected = [math.log(math.exp(bf_energy(f)) ** w * bf_nap(mx, mn) ** (1 - w))
+                for f, mx, mn in zip(data.logits, data.chan_max, data.chan_mean)]
+    assert np.isfinite(out.scores).all()
+    assert_close(out.scores, expected)
+    assert_close(out.logits, data.logits)
+
+
+def test_nap_msp_combination(setup):
+    _, _, data = setup
+    w = 0.3
+    expected = []
+    for f, mx, mn in zip(data.logits.astype(float), data.chan_max, data.chan_mean):
+        msp = max(math.exp(a - bf_logsumexp(f)) for a in f)
+        expected.append(math.log(msp**w * bf_nap(mx, mn) ** (1 - w)))
+    assert_close(run("nap+msp", setup, w=w).scores, expected)
+
+
+def test_nap_combination_with_shaped_method_uses_its_logits(setup):
+    head, _, data = setup
+    out = run("nap+ash_s", setup, w=0.6, p=90)
+    ash = run("ash_s", setup, p=90)
+    s_nap = np.array([bf_nap(mx, mn) for mx, mn in zip(data.chan_max, data.chan_mean)])
+    assert_close(out.scores, 0.6 * ash.scores + 0.4 * np.log(s_nap))
+    assert_close(out.logits, ash.logits)
+
+
+# --- properties shared by every method -------------------------------------------------------------
+
+ALL = [("msp", {}), ("maxlogit", {}), ("energy", {"T": 2.0}), ("ash_p", {"p": 70}), ("ash_b", {"p": 70}),
+       ("ash_s", {"p": 90}), ("ash_rand", {"p": 60}), ("react", {"percentile": 90}), ("rg", {"k": 0.5}),
+       ("rg_add", {"k": 0.5}), ("nap", {}), ("nap+msp", {"w": 0.4}), ("nap+energy", {"w": 0.4}),
+       ("nap+react", {"w": 0.5}), ("react+ash_s", {"p": 90, "percentile": 90})]
+
+
+@pytest.mark.parametrize("name, params", ALL)
+def test_reordering_samples_reorders_scores(setup, name, params):
+    _, _, data = setup
+    perm = np.random.default_rng(1).permutation(len(data.features))
+    base = run(name, setup, **params)
+    moved = run(name, setup, data=data.take(perm), **params)
+    assert_close(moved.scores, base.scores[perm], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("ash_s", {"p": 100}, "p must be"),
+    ("ash_p", {"p": -1}, "p must be"),
+    ("nap+energy", {"w": 1.0}, "w must be"),
+    ("nap+energy", {"w": 0}, "w must be"),
+    ("energy", {"T": 0}, "T must be"),
+    ("rg", {"k": -1}, "k must be"),
+    ("react", {"percentile": 90, "clip": 1.0}, "only one of"),
+    ("ash_s", {"q": 3}, "unknown parameter 'q'"),
+])
+def test_bad_parameters_are_refused(name, params, message):
+    with pytest.raises(FeatcacheError, match=message):
+        get_method(name).resolve(params)
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(FeatcacheError, match="did you mean 'ash_s'"):
+        get_method("ahs_s")
+    with pytest.raises(FeatcacheError, match="did you mean 'nap\\+energy'"):
+        get_method("nap+enegry")

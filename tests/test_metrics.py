@@ -1,0 +1,71 @@
+"""Metrics against scikit-learn and against brute-force definitions."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from featcache.errors import FeatcacheError
+from featcache.metrics import accuracy, ood_metrics
+
+
+def brute_auroc(id_s, ood_s):
+    """Mann-Whitney: P(ID score > OOD score) + 0.5 P(equal), over all pairs."""
+    total = 0.0
+    for a in id_s:
+        for b in ood_s:
+            total += 1.0 if a > b else 0.5 if a == b else 0.0
+    return total / (len(id_s) * len(ood_s))
+
+
+def brute_fpr95(id_s, ood_s):
+    for t in sorted(set(id_s) | set(ood_s), reverse=True):
+        tpr = sum(a >= t for a in id_s) / len(id_s)
+        if tpr >= 0.95:
+            return sum(b >= t for b in ood_s) / len(ood_s)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_metrics_match_brute_force_and_sklearn(rng, ties):
+    for _ in range(5):
+        id_s = rng.normal(1.0, 1.0, size=int(rng.integers(20, 200)))
+        ood_s = rng.normal(0.0, 1.0, size=int(rng.integers(20, 200)))
+        if ties:
+            id_s, ood_s = np.round(id_s * 2) / 2, np.round(ood_s * 2) / 2
+        m = ood_metrics(id_s, ood_s)
+        y = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
+        s = np.r_[id_s, ood_s]
+        assert m["auroc"] == pytest.approx(brute_auroc(id_s, ood_s), abs=1e-12)
+        assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert m["fpr95"] == pytest.approx(brute_fpr95(list(id_s), list(ood_s)), abs=1e-12)
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        assert m["fpr95"] == pytest.approx(fpr[np.argmax(tpr >= 0.95)], abs=1e-12)
+        assert m["aupr_in"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+        assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s), abs=1e-12)
+
+
+def test_fpr95_hand_worked():
+    # 20 ID scores 1..20: accepting 95% (19 of them) needs threshold 2. OOD at or above 2: 2.5 and 19.5.
+    id_s = np.arange(1, 21, dtype=float)
+    ood_s = np.array([0.5, 2.5, 19.5])
+    m = ood_metrics(id_s, ood_s)
+    assert m["fpr95"] == pytest.approx(2 / 3)
+    # pairs ID > OOD: 0.5 beaten by all 20, 2.5 by 18, 19.5 by 1 -> 39 of 60
+    assert m["auroc"] == pytest.approx(39 / 60)
+
+
+def test_perfect_and_reversed_separation():
+    assert ood_metrics([3, 4, 5], [0, 1, 2]) == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0}
+    m = ood_metrics([0, 1, 2], [3, 4, 5])
+    assert m["fpr95"] == 1.0 and m["auroc"] == 0.0
+
+
+def test_infinite_scores_rank_and_nan_is_refused():
+    m = ood_metrics([1.0, 2.0, np.inf], [-np.inf, 0.0])
+    assert m["auroc"] == 1.0
+    with pytest.raises(FeatcacheError, match="NaN"):
+        ood_metrics([1.0, np.nan], [0.0])
+
+
+def test_accuracy():
+    logits = np.array([[0.1, 0.9], [2.0, 1.0], [0.0, 3.0]])
+    assert accuracy(logits, np.array([1, 0, 0])) == pytest.approx(2 / 3)

@@ -1,0 +1,7 @@
+"""The feature cache: the contract between extraction and replay (shared/cache-schema.md)."""
+
+from featcache.cache.reader import Cache, Split, open_cache
+from featcache.cache.schema import ROLES, SCHEMA
+from featcache.cache.writer import CacheWriter, fingerprint
+
+__all__ = ["Cache", "CacheWriter", "ROLES", "SCHEMA", "Split", "fingerprint", "open_cache"]

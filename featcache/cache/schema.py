@@ -1,0 +1,47 @@
+"""Constants of the cache contract (shared/cache-schema.md, version 1)."""
+
+SCHEMA = "featcache-cache/1"
+SCHEMA_PREFIX = "featcache-cache/"
+
+ROLES = ("id_train", "id_val", "id_test", "ood", "pseudo_ood")
+
+# dataset name -> (dtype, which second dimension: "D" features, "C" channels, "K" classes, None 1-d)
+SPLIT_ARRAYS = {
+    "features": ("float32", "D"),
+    "chan_max": ("float32", "C"),
+    "chan_mean": ("float32", "C"),
+    "logits": ("float32", "K"),
+    "labels": ("int64", None),
+    "ids": ("str", None),
+}
+
+ROOT_ATTRS = (
+    "schema",
+    "fingerprint",
+    "created_utc",
+    "featcache_version",
+    "torch_version",
+    "backbone",
+    "checkpoint_sha256",
+    "feature_layer",
+    "prepool_layer",
+)
+
+SPLIT_ATTRS = ("role", "source", "n", "complete")
+
+SUFFIXES = {".h5": "h5", ".zarr": "zarr"}
+
+
+def format_of(path) -> str:
+    """'h5' or 'zarr' from the path's suffix; the contract chooses the format by suffix alone."""
+    from pathlib import Path
+
+    from featcache.errors import FeatcacheError
+
+    text = str(path).rstrip("/")
+    if "://" in text or text.startswith(("zip::", "file:")):
+        return "zarr"
+    suffix = Path(text).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise FeatcacheError(f"{path}: a cache path must end in .h5 (HDF5) or .zarr (Zarr), not {suffix or 'nothing'!r}")
+    return SUFFIXES[suffix]

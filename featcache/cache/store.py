@@ -1,0 +1,238 @@
+"""One small interface over h5py and zarr, so everything above it is format-blind.
+
+Only what the cache needs: groups addressed by '/'-separated paths, attributes as plain Python
+values, arrays of whole rows, and utf-8 string arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+
+def _plain(value):
+    """Attributes come back as numpy scalars or arrays from h5py; readers want plain Python."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    return value
+
+
+def row_chunks(shape, itemsize: int, target_bytes: int = 1 << 20):
+    """Chunks of whole rows, about 1 MiB each: rows are what a writer appends and a reader slices."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
+    rows = max(1, min(max(int(shape[0]), 1), target_bytes // max(row_bytes, 1)))
+    return (rows,) + tuple(int(s) for s in shape[1:])
+
+
+class Store:
+    """Abstract store; see H5Store and ZarrStore."""
+
+    fmt: str
+    path: str
+
+    def attrs(self, node: str = "/") -> dict: ...
+    def set_attrs(self, node: str, **values) -> None: ...
+    def has(self, node: str) -> bool: ...
+    def groups(self, node: str) -> list[str]: ...
+    def create_group(self, node: str) -> None: ...
+    def delete(self, node: str) -> None: ...
+    def create_array(self, node: str, shape, dtype) -> None: ...
+    def write(self, node: str, start: int, values) -> None: ...
+    def read(self, node: str, rows: slice = slice(None)) -> np.ndarray: ...
+    def shape(self, node: str) -> tuple: ...
+    def dtype(self, node: str) -> str: ...
+    def link(self, source: str, target: str) -> None: ...  # HDF5 only
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class H5Store(Store):
+    fmt = "h5"
+
+    def __init__(self, path, mode: str):
+        import h5py
+
+        self.path = str(path)
+        try:
+            self._file = h5py.File(self.path, {"r": "r", "r+": "r+", "w": "w"}[mode], locking=mode != "r" or None)
+        except FileNotFoundError:
+            raise FeatcacheError(f"{self.path}: no such cache file") from None
+        except PermissionError:
+            raise FeatcacheError(f"{self.path}: permission denied") from None
+        except OSError as exc:
+            raise FeatcacheError(f"{self.path}: not a readable HDF5 file ({_first_line(exc)})") from None
+
+    def attrs(self, node="/"):
+        return {k: _plain(v) for k, v in self._file[node].attrs.items()}
+
+    def set_attrs(self, node, **values):
+        attrs = self._file[node].attrs
+        for key, value in values.items():
+            attrs[key] = str(value) if isinstance(value, str) else value  # str subclasses confuse h5py
+
+    def has(self, node):
+        return node in self._file
+
+    def groups(self, node):
+        import h5py
+
+        if node not in self._file:
+            return []
+        return sorted(k for k, v in self._file[node].items() if isinstance(v, h5py.Group))
+
+    def create_group(self, node):
+        self._file.require_group(node)
+
+    def delete(self, node):
+        if node in self._file:
+            del self._file[node]
+
+    def create_array(self, node, shape, dtype):
+        import h5py
+
+        if dtype == "str":
+            dtype_ = h5py.string_dtype("utf-8")
+            chunks = row_chunks(shape, 64)
+        else:
+            dtype_ = np.dtype(dtype)
+            chunks = row_chunks(shape, dtype_.itemsize)
+        self._file.create_dataset(node, shape=tuple(shape), dtype=dtype_, chunks=chunks if shape[0] else None)
+
+    def write(self, node, start, values):
+        values = np.asarray(values)
+        if values.dtype.kind == "U":
+            values = values.astype(object)
+        self._file[node][start : start + len(values)] = values
+
+    def read(self, node, rows=slice(None)):
+        ds = self._file[node]
+        if ds.dtype.kind == "O" or ds.dtype.kind == "S":
+            return np.asarray(ds.asstr()[rows], dtype=str)
+        return ds[rows]
+
+    def shape(self, node):
+        return tuple(self._file[node].shape)
+
+    def dtype(self, node):
+        ds = self._file[node]
+        return "str" if ds.dtype.kind in "OS" else str(ds.dtype)
+
+    def link(self, source, target):
+        self._file[target] = self._file[source]  # an HDF5 hard link: one copy on disk, two names
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        if self._file.id.valid:
+            self._file.close()
+
+
+class ZarrStore(Store):
+    fmt = "zarr"
+
+    def __init__(self, path, mode: str, storage_options: dict | None = None):
+        import zarr
+
+        self.path = str(path)
+        try:
+            if mode == "w":
+                self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
+            else:
+                self._root = zarr.open_group(
+                    self.path, mode=mode, zarr_format=3, storage_options=storage_options
+                )
+        except FileNotFoundError:
+            raise FeatcacheError(f"{self.path}: no such Zarr store") from None
+        except PermissionError:
+            raise FeatcacheError(f"{self.path}: permission denied") from None
+        except Exception as exc:  # zarr raises many types for "not a zarr group"
+            raise FeatcacheError(f"{self.path}: not a readable Zarr v3 store ({_first_line(exc)})") from None
+
+    def _node(self, node):
+        node = node.strip("/")
+        return self._root if not node else self._root[node]
+
+    def attrs(self, node="/"):
+        return {k: _plain(v) for k, v in self._node(node).attrs.asdict().items()}
+
+    def set_attrs(self, node, **values):
+        self._node(node).attrs.update({k: _plain(v) for k, v in values.items()})
+
+    def has(self, node):
+        node = node.strip("/")
+        if not node:
+            return True
+        try:
+            self._root[node]
+            return True
+        except KeyError:
+            return False
+
+    def groups(self, node):
+        import zarr
+
+        if not self.has(node):
+            return []
+        return sorted(name for name, _ in self._node(node).members() if isinstance(_, zarr.Group))
+
+    def create_group(self, node):
+        self._root.require_group(node.strip("/"))
+
+    def delete(self, node):
+        parent, _, name = node.strip("/").rpartition("/")
+        if self.has(node):
+            del self._node(parent)[name]
+
+    def create_array(self, node, shape, dtype):
+        itemsize = 64 if dtype == "str" else np.dtype(dtype).itemsize
+        self._root.create_array(
+            node.strip("/"), shape=tuple(shape), dtype=str if dtype == "str" else dtype,
+            chunks=row_chunks(shape, itemsize), fill_value="" if dtype == "str" else 0,
+        )
+
+    def write(self, node, start, values):
+        values = np.asarray(values)
+        self._node(node)[start : start + len(values)] = values
+
+    def read(self, node, rows=slice(None)):
+        arr = self._node(node)[rows]
+        return np.array(np.asarray(arr).tolist(), dtype=str) if self.dtype(node) == "str" else np.asarray(arr)
+
+    def shape(self, node):
+        return tuple(self._node(node).shape)
+
+    def dtype(self, node):
+        dt = self._node(node).dtype
+        return "str" if getattr(dt, "kind", "T") in "TOUS" else str(dt)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def open_store(path, mode: str = "r", *, fmt: str | None = None, storage_options: dict | None = None) -> Store:
+    """Open `path` as HDF5 or Zarr; the format comes from the suffix unless `fmt` names it."""
+    from featcache.cache.schema import format_of
+
+    if (fmt or format_of(path)) == "h5":
+        return H5Store(path, mode)
+    return ZarrStore(path, mode, storage_options=storage_options)

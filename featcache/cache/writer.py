@@ -1,0 +1,181 @@
+"""Writing a cache so that a partial one is never taken for a complete one.
+
+Everything is written to `<path>.partial` first; each split carries `rows_written` (advanced only
+after its rows are flushed) and `complete` (set only after every row is written and checked).
+`finish` stamps the fingerprint and renames the partial into place, atomically. Running the same
+extraction again finds the partial and resumes it from the last flushed chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from featcache.cache.schema import ROLES, SCHEMA, SPLIT_ARRAYS, format_of
+from featcache.cache.store import Store, open_store
+from featcache.errors import FeatcacheError
+
+
+def array_checksum(values: np.ndarray) -> str:
+    """sha256 of an array's contents; strings as utf-8 lines, numbers as little-endian C-order bytes."""
+    digest = hashlib.sha256()
+    if values.dtype.kind in "UOST":
+        digest.update("\n".join(map(str, values.tolist())).encode("utf-8"))
+    else:
+        digest.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(weight: np.ndarray, bias: np.ndarray, preprocessing: dict, split_ids: dict) -> str:
+    """sha256 over head weights, preprocessing and split ids: equal fingerprints, equal inputs."""
+    digest = hashlib.sha256()
+    digest.update(array_checksum(np.asarray(weight, dtype=np.float32)).encode())
+    digest.update(array_checksum(np.asarray(bias, dtype=np.float32)).encode())
+    digest.update(json.dumps(preprocessing, sort_keys=True).encode())
+    for name in sorted(split_ids):
+        digest.update(name.encode() + b"\0" + array_checksum(np.asarray(split_ids[name], dtype=str)).encode())
+    return digest.hexdigest()
+
+
+def partial_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+class SplitWriter:
+    """Appends whole rows to one split; resumable from `rows_written`."""
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name = store, name
+        self.group = f"/splits/{name}"
+        attrs = store.attrs(self.group)
+        self.n = int(attrs["n"])
+        self.rows_written = int(attrs.get("rows_written", 0))
+        self.complete = bool(attrs.get("complete", False))
+        # HDF5 stores chan_mean as a hard link to features when they are equal; Zarr stores it again.
+        self.chan_mean_linked = bool(attrs.get("chan_mean_is_features", False)) and store.fmt == "h5"
+
+    def append(self, batch: dict) -> None:
+        rows = len(batch["features"])
+        if self.rows_written + rows > self.n:
+            raise FeatcacheError(f"split {self.name!r}: more than the declared {self.n} rows")
+        for key, values in batch.items():
+            if key == "chan_mean" and self.chan_mean_linked:
+                continue
+            self.store.write(f"{self.group}/{key}", self.rows_written, values)
+        self.store.flush()
+        # Only after the rows are on disk does the counter move, so a kill never skips rows.
+        self.rows_written += rows
+        self.store.set_attrs(self.group, rows_written=self.rows_written)
+        self.store.flush()
+
+    def finish(self) -> None:
+        if self.rows_written != self.n:
+            raise FeatcacheError(f"split {self.name!r}: {self.rows_written} rows written, {self.n} declared")
+        checksums = {key: array_checksum(self.store.read(f"{self.group}/{key}")) for key in SPLIT_ARRAYS}
+        self.store.set_attrs(self.group, checksums=json.dumps(checksums, sort_keys=True), complete=True)
+        self.store.flush()
+        self.complete = True
+
+
+class CacheWriter:
+    """Creates or resumes `<path>.partial`, and finally renames it to `path`."""
+
+    def __init__(self, path, *, overwrite: bool = False):
+        self.path = Path(path)
+        self.fmt = format_of(self.path)
+        self.partial = partial_path(self.path)
+        if self.path.exists() and not overwrite:
+            raise FeatcacheError(f"{self.path}: already exists; pass --overwrite to replace it")
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FeatcacheError(f"{parent}: cannot create the output directory ({exc.strerror})") from None
+        if not os.access(parent, os.W_OK):
+            raise FeatcacheError(f"{parent}: output directory is not writable")
+        self.store: Store | None = None
+
+    def open(self, root_attrs: dict, weight: np.ndarray, bias: np.ndarray) -> bool:
+        """Open the partial, resuming it when it was started with the same head; True if resumed."""
+        if self.partial.exists():
+            try:
+                store = open_store(self.partial, "r+", fmt=self.fmt)
+                same = store.has("/head/weight") and np.array_equal(store.read("/head/weight"), weight) \
+                    and np.array_equal(store.read("/head/bias"), bias) \
+                    and store.attrs("/").get("checkpoint_sha256") == root_attrs.get("checkpoint_sha256")
+                if same:
+                    self.store = store
+                    return True
+                store.close()
+            except FeatcacheError:
+                pass  # an unreadable leftover (killed while creating it): start again
+            _remove(self.partial)
+        self.store = open_store(self.partial, "w", fmt=self.fmt)
+        self.store.set_attrs(
+            "/", schema=SCHEMA, fingerprint="", created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **root_attrs,
+        )
+        self.store.create_group("/head")
+        for name, values in (("weight", weight), ("bias", bias)):
+            self.store.create_array(f"/head/{name}", values.shape, "float32")
+            self.store.write(f"/head/{name}", 0, values.astype(np.float32))
+        self.store.create_group("/splits")
+        self.store.flush()
+        return False
+
+    def split(self, name: str, *, role: str, source: str, n: int, dims: dict, chan_mean_is_features: bool,
+              extra_attrs: dict | None = None) -> SplitWriter:
+        """A writer for split `name`: an existing one of the same declaration is resumed."""
+        if role not in ROLES:
+            raise FeatcacheError(f"split {name!r}: unknown role {role!r}; one of {', '.join(ROLES)}")
+        group = f"/splits/{name}"
+        declared = dict(role=role, source=source, n=int(n), chan_mean_is_features=chan_mean_is_features,
+                        **(extra_attrs or {}))
+        if self.store.has(group):
+            attrs = self.store.attrs(group)
+            if all(attrs.get(k) == v for k, v in declared.items()):
+                return SplitWriter(self.store, name)
+            self.store.delete(group)
+        self.store.create_group(group)
+        self.store.set_attrs(group, complete=False, rows_written=0, **declared)
+        link = chan_mean_is_features and self.store.fmt == "h5"
+        for key, (dtype, dim) in SPLIT_ARRAYS.items():
+            if key == "chan_mean" and link:
+                self.store.link(f"{group}/features", f"{group}/chan_mean")
+                continue
+            shape = (n,) if dim is None else (n, dims[dim])
+            self.store.create_array(f"{group}/{key}", shape, dtype)
+        self.store.flush()
+        return SplitWriter(self.store, name)
+
+    def finish(self, fingerprint_value: str) -> Path:
+        """Stamp the fingerprint and move the finished cache into place in one rename."""
+        self.store.set_attrs("/", fingerprint=fingerprint_value)
+        self.store.close()
+        if self.path.exists():
+            old = self.path.with_name(self.path.name + ".old")
+            _remove(old)
+            os.replace(self.path, old)
+            os.replace(self.partial, self.path)
+            _remove(old)
+        else:
+            os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self):
+        if self.store is not None:
+            self.store.close()
+
+
+def _remove(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

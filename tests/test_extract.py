@@ -180,3 +180,18 @@ def test_layers_of_torchvision_models(name, prepool, feature):
     layers = find_layers(torchvision.models.get_model(name, weights=None))
     assert layers.prepool.split(".")[0] == prepool or layers.prepool == prepool
     assert layers.feature == feature and layers.mean_pooled
+
+
+def test_training_the_backbone_is_reproducible(tmp_path):
+    """Same seed, same checkpoint bytes: a teammate's `make extract` gives the same cache."""
+    from featcache.extract.runner import prepare_backbone
+
+    shas = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        pipeline = write_pipeline(tmp_path / run)
+        spec = load_pipeline(pipeline)
+        spec.raw["backbone"]["train"].update(epochs=2, min_accuracy=None)
+        _, sha = prepare_backbone(spec, load_manifest(REPO / "data_manifest.yaml"), progress=False)
+        shas.append(sha)
+    assert shas[0] == shas[1]

@@ -50,11 +50,11 @@ def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) 
     then kept with a `.sha256` file beside it and reused on later runs.
     """
     spec = pipeline.backbone
+    # Seeded before construction: initial weights decide both random backbones and trained ones.
+    torch.manual_seed(int(spec.get("seed", (spec.get("train") or {}).get("seed", 0))))
     model = build_backbone(spec)
     checkpoint = spec.get("checkpoint")
     if checkpoint in (None, "random"):
-        torch.manual_seed(int(spec.get("seed", 0)))
-        model = build_backbone(spec)  # re-seeded so random weights are reproducible
         return model.eval(), state_dict_sha256(model)
     checkpoint = Path(checkpoint)
     sidecar = checkpoint.with_name(checkpoint.name + ".sha256")

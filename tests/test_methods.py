@@ -272,7 +272,8 @@ def test_nap_combination_with_shaped_method_uses_its_logits(setup):
 ALL = [("msp", {}), ("maxlogit", {}), ("energy", {"T": 2.0}), ("ash_p", {"p": 70}), ("ash_b", {"p": 70}),
        ("ash_s", {"p": 90}), ("ash_rand", {"p": 60}), ("react", {"percentile": 90}), ("rg", {"k": 0.5}),
        ("rg_add", {"k": 0.5}), ("nap", {}), ("nap+msp", {"w": 0.4}), ("nap+energy", {"w": 0.4}),
-       ("nap+react", {"w": 0.5}), ("react+ash_s", {"p": 90, "percentile": 90})]
+       ("nap+react", {"w": 0.5}), ("react+ash_s", {"p": 90, "percentile": 90}), ("gradnorm", {}),
+       ("dice", {"p": 70}), ("scale", {"p": 85}), ("knn", {"k": 5}), ("nap+knn", {"w": 0.5, "k": 5})]
 
 
 @pytest.mark.parametrize("name, params", ALL)
@@ -304,3 +305,110 @@ def test_unknown_method_suggests_the_closest():
         get_method("ahs_s")
     with pytest.raises(FeatcacheError, match="did you mean 'nap\\+energy'"):
         get_method("nap+enegry")
+
+
+# --- peer methods (GradNorm, DICE, SCALE, KNN) -----------------------------------------------------
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_gradnorm(setup, T):
+    _, _, data = setup
+    expected = []
+    for f, x in zip(data.logits.astype(float), data.features):
+        lse = bf_logsumexp([a / T for a in f])
+        probs = [math.exp(a / T - lse) for a in f]
+        expected.append((K / T) * sum(abs(q - 1 / K) for q in probs) * sum(abs(float(v)) for v in x))
+    assert_close(run("gradnorm", setup, T=T).scores, expected)
+
+
+def test_gradnorm_equals_the_autograd_gradient_norm(setup):
+    """The closed form against torch autograd of the reference code's loss (all-ones targets)."""
+    import torch
+
+    head, _, data = setup
+    T = 1.5
+    for x in data.features[2:6]:
+        fc = torch.nn.Linear(D, K)
+        with torch.no_grad():
+            fc.weight.copy_(torch.from_numpy(head.weight))
+            fc.bias.copy_(torch.from_numpy(head.bias))
+        logits = fc(torch.from_numpy(x)[None].double().float())
+        loss = torch.sum(-torch.ones(1, K) * torch.log_softmax(logits / T, dim=-1))
+        loss.backward()
+        expected = fc.weight.grad.abs().sum().item()
+        f = (torch.from_numpy(x)[None] @ torch.from_numpy(head.weight).T + torch.from_numpy(head.bias)).numpy()
+        from featcache.methods.gradnorm import gradnorm_score
+
+        assert gradnorm_score(f, x[None], T)[0] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("p", [0, 50, 90])
+def test_dice(setup, p):
+    head, fit, data = setup
+    mean = [sum(float(r[i]) for r in fit.data.features) / len(fit.data.features) for i in range(D)]
+    contrib = [[mean[i] * float(head.weight[j][i]) for i in range(D)] for j in range(K)]
+    threshold = bf_percentile([c for row in contrib for c in row], p)
+    w = [[float(head.weight[j][i]) if contrib[j][i] > threshold else 0.0 for i in range(D)] for j in range(K)]
+    expected_logits = [bf_head(x, w, head.bias) for x in data.features]
+    out = run("dice", setup, p=p)
+    assert_close(out.logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert_close(out.scores, [bf_energy(f) for f in expected_logits])
+
+
+@pytest.mark.parametrize("p", [0, 65, 85, 99])
+def test_scale(setup, p):
+    head, _, data = setup
+    expected = []
+    for x in data.features:
+        keep, _ = bf_keep(list(x), p)
+        s1 = sum(float(v) for v in x)
+        s2 = sum(float(x[i]) for i in keep)
+        r = 1.0 if s2 == 0 else math.exp(s1 / s2)
+        expected.append(bf_energy(bf_head([r * float(v) for v in x], head.weight, head.bias)))
+    assert_close(run("scale", setup, p=p).scores, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn(setup, k):
+    _, fit, data = setup
+
+    def normalise(v):
+        norm = math.sqrt(sum(float(a) ** 2 for a in v))
+        return [float(a) / (norm + 1e-10) for a in v]
+
+    bank = [normalise(v) for v in fit.data.features]
+    expected = []
+    for x in data.features:
+        q = normalise(x)
+        dists = sorted(math.sqrt(sum((a - b) ** 2 for a, b in zip(q, row))) for row in bank)
+        expected.append(-dists[k - 1])
+    assert_close(run("knn", setup, k=k).scores, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_knn_subsampled_bank(setup):
+    _, fit, _ = setup
+    from featcache.methods.knn import knn_bank
+
+    bank = knn_bank(fit, 0.5, 7)
+    assert len(bank) == 30
+    full = knn_bank(fit, 1.0, 0)
+    assert all(any(np.allclose(row, f) for f in full) for row in bank)
+    with pytest.raises(FeatcacheError, match="bank has"):
+        run("knn", setup, k=31, bank=0.5)
+
+
+@pytest.mark.parametrize("name, params", [("nap+gradnorm", {"w": 0.4}), ("nap+dice", {"w": 0.5, "p": 80}),
+                                          ("nap+scale", {"w": 0.6}), ("nap+knn", {"w": 0.7, "k": 3})])
+def test_nap_combinations_of_peer_methods(setup, name, params):
+    _, _, data = setup
+    base = run(name[4:], setup, **{k: v for k, v in params.items() if k != "w"})
+    w = params["w"]
+    s_nap = [bf_nap(mx, mn) for mx, mn in zip(data.chan_max, data.chan_mean)]
+    positive = get_method(name[4:]).positive
+    # S = S_X'^w * S_NAP^(1-w) in 50-digit decimals: exp(S_X) overflows floats for large energies
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 50
+    products = [(Decimal(float(s)).exp() if positive == "exp" else Decimal(float(s))) ** Decimal(w)
+                * Decimal(float(n)) ** (1 - Decimal(w)) for s, n in zip(base.scores, s_nap)]
+    expected = [float(v.ln()) if v > 0 else -math.inf for v in products]  # GradNorm is 0 for x = 0
+    assert_close(run(name, setup, **params).scores, expected)

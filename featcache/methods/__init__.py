@@ -5,7 +5,7 @@ and a `@register("name", defaults={...})` wrapper `(data, head, fit, **params) -
 below, and add a test comparing it with a brute-force version of the paper's formula.
 """
 
-from featcache.methods import ash, logit, nap, react, rg  # noqa: F401  (registration)
+from featcache.methods import ash, dice, gradnorm, knn, logit, nap, react, rg, scale  # noqa: F401  (registration)
 from featcache.methods.base import REGISTRY, Fit, Head, Method, Output, SplitData, get_method, method_names
 
 __all__ = ["REGISTRY", "Fit", "Head", "Method", "Output", "SplitData", "get_method", "method_names"]

@@ -122,6 +122,7 @@ CHECKS = {
     "alpha": (_finite, "a finite number"),
     "clip": (_finite, "a finite number"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "bank": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
 }
 
 
@@ -132,7 +133,7 @@ class Method:
     defaults: dict  # every parameter the method takes, with its default (None: one of a choice)
     positive: str = "exp"  # how nap+ makes the score positive: "exp" (log-domain) or "identity" (> 0)
     one_of: tuple = ()  # groups of parameters of which at most one may be given
-    paper_default: dict | None = None
+    paper_default: dict | None = None  # the source paper's recommended setting, where it gives one
     integer: tuple = ()  # parameters that must be integers (k of KNN)
 
     def resolve(self, params: dict) -> dict:

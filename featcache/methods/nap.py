@@ -8,9 +8,10 @@ S_X is NaN and energies can be negative, so S_X is first made positive by a mono
 stated per method:
 - "exp" (energy-like scores: energy, ASH, ReAct, RG, MaxLogit, DICE, SCALE, KNN): S_X' = exp(S_X);
   for energy that is the softmax denominator sum_j exp(f_j).
-- "identity" (scores that are always positive: MSP, GradNorm): S_X' = S_X.
+- "identity" (scores that are never negative: MSP, GradNorm): S_X' = S_X.
 The score reported is log S = w * log S_X' + (1 - w) * log S_NAP, which ranks samples exactly as S
-does and cannot overflow. A sample with S_NAP = 0 (an all-zero map) gets -inf, the bottom rank.
+does and cannot overflow. A sample with S = 0 (an all-zero map, or GradNorm of an all-zero
+feature) gets -inf, the bottom rank, as S = 0 would.
 Prediction and ID accuracy are those of X.
 """
 
@@ -41,6 +42,11 @@ def nap(data, head, fit, eps):
     return Output(nap_score(data.chan_max, data.chan_mean, eps), data.logits)
 
 
+# NAP paper, table 11, ImageNet-1k column; a pipeline can give other defaults (e.g. CIFAR-10's).
+PAPER_W = {"ash_p": 0.8, "ash_b": 0.8, "ash_s": 0.8, "dice": 0.6, "energy": 0.6, "knn": 0.6, "msp": 0.3,
+           "react": 0.8, "scale": 0.4}
+
+
 def combine(base: Method) -> Method:
     """The method nap+<base>: parameters w (default 0.5) and eps, plus all of base's."""
     if "w" in base.defaults or "eps" in base.defaults:
@@ -51,6 +57,8 @@ def combine(base: Method) -> Method:
         s_nap = nap_score(data.chan_max, data.chan_mean, eps)
         return Output(combine_scores(out.scores, s_nap, w, base.positive), out.logits)
 
-    paper = {"w": 0.5, **(base.paper_default or {})} if base.paper_default is not None else None
+    paper = None
+    if base.name in PAPER_W:
+        paper = {"w": PAPER_W[base.name], **(base.paper_default or {})}
     return Method(f"nap+{base.name}", score, {"w": 0.5, "eps": NAP_EPS, **base.defaults}, base.positive,
                   base.one_of, paper, base.integer)

@@ -1,0 +1,28 @@
+"""GradNorm (Huang et al., NeurIPS 2021), last layer, in closed form.
+
+The gradient of the KL divergence between the uniform distribution and softmax(f / T) with respect
+to the head's weight is an outer product U V^T, U = (softmax(f / T) - 1/K) / T (times K for the
+reference code's all-ones targets), V = x; its L1 norm is ||U||_1 * ||V||_1:
+
+    S = (K / T) * sum_j |softmax(f / T)_j - 1 / K| * ||x||_1
+
+The factor K follows the reference code; it does not change rankings. Uses the original logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.methods.base import Output, logsumexp_rows, register
+
+
+def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / T
+    probs = np.exp(z - logsumexp_rows(z)[:, None])
+    k = z.shape[1]
+    return (k / T) * np.abs(probs - 1.0 / k).sum(axis=1) * np.abs(np.asarray(x, np.float64)).sum(axis=1)
+
+
+@register("gradnorm", defaults={"T": 1.0}, positive="identity", paper_default={"T": 1.0})
+def gradnorm(data, head, fit, T):
+    return Output(gradnorm_score(data.logits, data.features, T), data.logits)

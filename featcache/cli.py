@@ -91,6 +91,50 @@ def sweep(pipeline, cache_path, out, quiet):
     click.echo(format_table(rows))
 
 
+@cli.command(name="select")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--cache", "cache_path", type=click.Path(), default=None, help="Cache to read (default: the pipeline's `cache:`).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Results CSV (default: results/<pipeline name>/selection.csv).")
+@click.option("--criterion", type=click.Choice(["auroc", "fpr95"]), default=None,
+              help="What the search maximises on pseudo-OOD: mean AUROC (default) or minus mean FPR95.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def select_command(pipeline, cache_path, out, criterion, quiet):
+    """Choose each method's hyperparameters on id_val against pseudo_ood splits only, then evaluate.
+
+    Shows the chosen configuration beside the papers' default and the oracle (best on test OOD).
+    """
+    from featcache.cache.reader import open_cache
+    from featcache.config import load_pipeline
+    from featcache.select import SELECTION_COLUMNS, format_selection, run_select
+    from featcache.sweep import load_replay, write_csv
+
+    spec = load_pipeline(pipeline)
+    options = dict(spec.raw.get("select") or {})
+    out = out or spec.results_dir / "selection.csv"
+    with open_cache(cache_path or spec.cache) as cache:
+        replay = load_replay(cache, with_selection=True)
+        rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
+                          paper_defaults=options.get("paper_defaults"), progress=not quiet)
+    write_csv(rows, out, SELECTION_COLUMNS)
+    click.echo(f"selection -> {out}")
+    click.echo("mean over ood splits, percent; the oracle column looked at the test OOD data:")
+    click.echo(format_selection(rows))
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+def report(pipeline):
+    """Write paper-format tables (Markdown, CSV, LaTeX) of PIPELINE's results."""
+    from featcache.config import load_pipeline
+    from featcache.report import write_tables
+
+    spec = load_pipeline(pipeline)
+    paths = write_tables(spec.results_dir)
+    click.echo(paths["md"].read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="featcache", standalone_mode=False)

@@ -132,25 +132,32 @@ def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData |
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
     """Write atomically: a reader never sees half a results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (repr(row[k]) if isinstance(row[k], float) else row[k]) for k in COLUMNS})
+            writer.writerow({k: (repr(row[k]) if isinstance(row[k], float) else row[k]) for k in columns})
     os.replace(tmp, path)
     return path
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    """Rows of a results CSV with the metric columns as floats."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise FeatcacheError(f"{path}: no such results file") from None
     for row in rows:
         for key in METRICS + ("id_acc",):
-            row[key] = float(row[key])
+            try:
+                row[key] = float(row[key])
+            except (KeyError, TypeError, ValueError):
+                raise FeatcacheError(f"{path}: column {key!r} missing or not a number") from None
     return rows
 
 
@@ -171,10 +178,10 @@ def best_per_method(rows: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """Paper-style table (percent) of the best configuration per method, averaged over ood splits."""
-    head = f"{'method':<14} {'params':<34} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} {'ID acc':>7}"
+    head = f"{'method':<14} {'params':<44} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} {'ID acc':>7}"
     lines = [head, "-" * len(head)]
     for r in sorted(best_per_method(rows), key=lambda r: (r["fpr95"], -r["auroc"])):
-        lines.append(f"{r['method']:<14} {r['params']:<34} {100 * r['fpr95']:7.2f} {100 * r['auroc']:7.2f} "
+        lines.append(f"{r['method']:<14} {r['params']:<44} {100 * r['fpr95']:7.2f} {100 * r['auroc']:7.2f} "
                      f"{100 * r['aupr_in']:8.2f} {100 * r['aupr_out']:8.2f} {100 * r['id_acc']:7.2f}")
     return "\n".join(lines)
 

@@ -1,0 +1,170 @@
+"""Choosing hyperparameters without looking at the evaluation OOD data.
+
+For every method in a pipeline's grid, the configuration is chosen on id_val against the
+pseudo_ood splits (corrupted ID data, NAP appendix H) only: a grid search over the method's own
+parameters (p, k, T, alpha, percentile...) and, for nap+<method>, a binary search over w in (0, 1)
+for every point of that grid. The chosen configuration is then evaluated once on id_test against
+each ood split, beside the papers' default configuration and the oracle: the same search run on
+the test OOD data, which no deployment could do.
+
+Binary search over w: keep an interval [lo, hi] (initially [0, 1]); compare the objective at its
+quarter points lo + (hi-lo)/4 and lo + 3(hi-lo)/4 and keep the half holding the better one (the
+lower half on a tie), until the interval is shorter than `W_TOL`; the answer is the best w
+evaluated. This assumes the objective is unimodal in w, as the NAP paper reports it to be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.methods.base import Method, get_method
+from featcache.methods.nap import combine_scores, nap_score
+from featcache.metrics import ood_metrics
+from featcache.sweep import METRICS, Replay, evaluate, expand_grid
+
+W_TOL = 1 / 64
+CRITERIA = ("auroc", "fpr95")
+CHOICES = ("selected", "paper_default", "oracle")
+
+
+def objective_value(metric_rows: list[dict], criterion: str) -> tuple:
+    """Sortable objective, larger is better: mean AUROC, or minus mean FPR95 (AUROC breaks ties)."""
+    auroc = float(np.mean([m["auroc"] for m in metric_rows]))
+    if criterion == "auroc":
+        return (auroc,)
+    return (-float(np.mean([m["fpr95"] for m in metric_rows])), auroc)
+
+
+def binary_search_w(value_of, tol: float = W_TOL) -> tuple[float, tuple]:
+    """Best w in (0, 1) by repeated halving; `value_of(w)` returns a sortable objective."""
+    seen: dict[float, tuple] = {}
+
+    def f(w):
+        if w not in seen:
+            seen[w] = value_of(w)
+        return seen[w]
+
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        quarter = (hi - lo) / 4
+        left, right = lo + quarter, hi - quarter
+        if f(left) >= f(right):
+            hi = (lo + hi) / 2
+        else:
+            lo = (lo + hi) / 2
+    best = max(seen, key=lambda w: (seen[w], -w))
+    return best, seen[best]
+
+
+@dataclass
+class Target:
+    """The data a choice is made on: ID samples and the OOD splits they are scored against."""
+
+    id_split: object
+    ood_splits: list
+
+
+def choose(method: Method, space: dict, replay: Replay, target: Target, criterion: str) -> tuple[dict, tuple]:
+    """The configuration of `method` with the best objective on `target`."""
+    is_nap = method.name.startswith("nap+")
+    space = {k: v for k, v in (space or {}).items() if not (is_nap and k == "w")}
+    if not is_nap:
+        best = None
+        for _, params in expand_grid({method.name: space}):
+            value = objective_value(evaluate(method, params, replay, target.id_split, target.ood_splits)[:-1], criterion)
+            if best is None or value > best[1]:
+                best = (params, value)
+        return best
+    base = get_method(method.name[4:])
+    best = None
+    base_space = {k: v for k, v in space.items() if k != "eps"}
+    eps_values = space.get("eps", [method.defaults["eps"]])
+    for eps in eps_values if isinstance(eps_values, list) else [eps_values]:
+        for _, base_params in expand_grid({base.name: base_space}):
+            # the base scores and NAP do not depend on w: compute them once per split
+            def scored(split):
+                return (base(split, replay.head, replay.fit, **base_params).scores,
+                        nap_score(split.chan_max, split.chan_mean, eps))
+
+            id_scores = scored(target.id_split)
+            ood_scores = [scored(s) for s in target.ood_splits]
+
+            def value_of(w):
+                id_s = combine_scores(*id_scores, w, base.positive)
+                rows = [ood_metrics(id_s, combine_scores(*o, w, base.positive)) for o in ood_scores]
+                return objective_value(rows, criterion)
+
+            w, value = binary_search_w(value_of)
+            params = method.resolve({**base_params, "w": w, "eps": eps})
+            if best is None or value > best[1]:
+                best = (params, value)
+    return best
+
+
+def paper_config(method: Method, overrides: dict) -> dict:
+    if method.name in overrides:
+        return method.resolve(overrides[method.name] or {})
+    return method.resolve(method.paper_default or {})
+
+
+def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_defaults: dict | None = None,
+               progress: bool = True) -> list[dict]:
+    """Rows of selection.csv: for each method and choice, metrics per ood split and their mean."""
+    from tqdm import tqdm
+
+    if criterion not in CRITERIA:
+        raise FeatcacheError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if not replay.pseudo_oods:
+        raise FeatcacheError("selection needs pseudo_ood splits (corrupted id_val data) in the cache; it has none")
+    expand_grid(grid)  # every name and value checked before any work
+    validation = Target(replay.id_val, replay.pseudo_oods)
+    test = Target(replay.id_test, replay.oods)
+    rows = []
+    for name, space in tqdm(grid.items(), desc="select", unit="method", disable=not progress):
+        method = get_method(str(name))
+        selected, value = choose(method, space, replay, validation, criterion)
+        configs = {
+            "selected": selected,
+            "paper_default": paper_config(method, paper_defaults or {}),
+            "oracle": choose(method, space, replay, test, criterion)[0],
+        }
+        for choice, params in configs.items():
+            for row in evaluate(method, params, replay):
+                rows.append({"method": method.name, "choice": choice, **row,
+                             "selection_auroc": value[-1] if choice == "selected" else ""})
+    return rows
+
+
+SELECTION_COLUMNS = ("method", "choice", "params", "ood") + METRICS + ("id_acc", "selection_auroc")
+
+
+def format_selection(rows: list[dict]) -> str:
+    """Three columns side by side: selected on pseudo-OOD, paper default, oracle (test OOD)."""
+    mean = {(r["method"], r["choice"]): r for r in rows if r["ood"] == "mean"}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = 34
+    head = f"{'method':<13}" + "".join(f" {title:<{cell}}" for title in
+                                     ("selected on pseudo-OOD", "paper default", "ORACLE: best on test OOD"))
+    lines = [head, f"{'':<13}" + f" {'params  FPR95 / AUROC':<{cell}}" * 3, "-" * len(head)]
+    for m in methods:
+        parts = []
+        for choice in CHOICES:
+            r = mean[(m, choice)]
+            params = ",".join(f"{k}={_short(v)}" for k, v in _params(r["params"]).items() if k not in ("eps", "seed", "bank"))
+            parts.append(f" {params[:19]:<19} {100 * r['fpr95']:5.1f} / {100 * r['auroc']:5.1f} ")
+        lines.append(f"{m:<13}" + "".join(f"{p:<{cell + 1}}" for p in parts))
+    return "\n".join(lines)
+
+
+def _params(text):
+    import json
+
+    return json.loads(text)
+
+
+def _short(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+

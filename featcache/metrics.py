@@ -58,6 +58,6 @@ def ood_metrics(id_scores, ood_scores) -> dict:
     return {"fpr95": fpr95, "auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out}
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the head actually used (shaping can change the argmax)."""
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the predictions of the head actually used (shaping can change them)."""
+    return float(np.mean(np.asarray(predictions) == labels))

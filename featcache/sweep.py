@@ -60,7 +60,8 @@ def split_data(cache: Cache, split: Split, width: int) -> SplitData:
     d = split.shape("features")[1]
     if d != width:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
-    return SplitData(split.name, loader=split_loader(cache, split))
+    same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
+    return SplitData(split.name, loader=split_loader(cache, split), same_as=same)
 
 
 def load_replay(cache: Cache, *, with_selection: bool = False) -> Replay:
@@ -118,7 +119,7 @@ def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData |
     id_split = id_split or replay.id_test
     ood_splits = replay.oods if ood_splits is None else ood_splits
     out_id = method(id_split, replay.head, replay.fit, **params)
-    id_acc = accuracy(out_id.logits, id_split.labels)
+    id_acc = accuracy(out_id.predictions, id_split.labels)
     rows = []
     for ood in ood_splits:
         scores = method(ood, replay.head, replay.fit, **params).scores

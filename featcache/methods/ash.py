@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from featcache.methods.base import Output, energy, register
+from featcache.methods.base import Output, register
 
 
 def keep_count(n: int, p: float) -> int:
@@ -32,25 +32,37 @@ def keep_count(n: int, p: float) -> int:
     return n - int(np.round(n * p / 100.0))
 
 
-def top_k_mask(x: np.ndarray, k: int) -> np.ndarray:
+def sort_descending(x: np.ndarray) -> np.ndarray:
+    """Each row's values from largest to smallest: one sort serves every p."""
+    return np.sort(x, axis=1)[:, ::-1]
+
+
+def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None) -> np.ndarray:
     """Boolean (N, D) mask of the k largest entries per row; among equal values, lowest index first."""
     n, d = x.shape
     if k <= 0:
         return np.zeros_like(x, dtype=bool)
     if k >= d:
         return np.ones_like(x, dtype=bool)
-    kth = np.partition(x, d - k, axis=1)[:, d - k][:, None]  # the k-th largest value per row
-    mask = x > kth
-    need = k - mask.sum(axis=1, keepdims=True)
-    tied = x == kth
-    mask |= tied & (np.cumsum(tied, axis=1) <= need)
+    if sorted_desc is None:
+        sorted_desc = sort_descending(x)
+    kth = sorted_desc[:, k - 1]
+    mask = x >= kth[:, None]
+    # Where the (k+1)-th value equals the k-th, more entries tie than there is room for.
+    tie_rows = np.flatnonzero(sorted_desc[:, k] == kth)
+    if tie_rows.size:
+        sub, sub_kth = x[tie_rows], kth[tie_rows, None]
+        above = sub > sub_kth
+        tied = sub == sub_kth
+        need = k - above.sum(axis=1, keepdims=True)
+        mask[tie_rows] = above | (tied & (np.cumsum(tied, axis=1) <= need))
     return mask
 
 
-def ash_prune(x: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:
+def ash_prune(x: np.ndarray, p: float, sorted_desc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(pruned x, keep mask, k): entries outside the top k set to zero."""
     k = keep_count(x.shape[1], p)
-    mask = top_k_mask(x, k)
+    mask = top_k_mask(x, k, sorted_desc)
     return np.where(mask, x, 0).astype(x.dtype, copy=False), mask, k
 
 
@@ -58,20 +70,24 @@ def ash_p_features(x: np.ndarray, p: float) -> np.ndarray:
     return ash_prune(x, p)[0]
 
 
+def ash_b_fill(x: np.ndarray, k: int) -> np.ndarray:
+    """s1 / k per sample: the value every kept entry gets."""
+    return x.sum(axis=1, dtype=np.float64) / k if k else np.zeros(len(x))
+
+
 def ash_b_features(x: np.ndarray, p: float) -> np.ndarray:
     _, mask, k = ash_prune(x, p)
-    if k == 0:
-        return np.zeros_like(x)
-    fill = x.astype(np.float64).sum(axis=1, keepdims=True) / k
-    return (mask * fill).astype(x.dtype)
+    return (mask * ash_b_fill(x, k)[:, None]).astype(x.dtype)
+
+
+def sharpen_scale(s1: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """exp(s1 / s2) per sample, and 1 where s2 = 0."""
+    safe = np.where(s2 == 0, 1.0, s2)
+    return np.where(s2 == 0, 1.0, np.exp(s1 / safe))
 
 
 def ash_s_scale(x: np.ndarray, pruned: np.ndarray) -> np.ndarray:
-    """exp(s1 / s2) per sample, and 1 where s2 = 0."""
-    s1 = x.astype(np.float64).sum(axis=1)
-    s2 = pruned.astype(np.float64).sum(axis=1)
-    safe = np.where(s2 == 0, 1.0, s2)
-    return np.where(s2 == 0, 1.0, np.exp(s1 / safe))
+    return sharpen_scale(x.sum(axis=1, dtype=np.float64), pruned.sum(axis=1, dtype=np.float64))
 
 
 def ash_s_features(x: np.ndarray, p: float) -> np.ndarray:
@@ -89,32 +105,40 @@ def ash_rand_features(x: np.ndarray, p: float, seed: int = 0, ids=None) -> np.nd
     return out
 
 
-def _shaped(shape_fn):
-    def score(data, head, fit, p, **extra):
-        logits = head(shape_fn(data.features, p, **extra))
-        return Output(energy(logits), logits)
-
-    return score
+# --- registered methods: shaping, then the head (one product per block of rows), then energy ------
 
 
-def ash_s_logits(x: np.ndarray, head, p: float) -> np.ndarray:
-    """ASH-S logits with one product: exp(s1/s2) * (W x_pruned) + b, as the scale is per sample."""
-    pruned = ash_prune(x, p)[0]
-    scale = ash_s_scale(x, pruned)
-    return ((pruned @ head.weight.T).astype(np.float64) * scale[:, None] + head.bias).astype(np.float32)
+def sorted_features(data) -> np.ndarray:
+    return data.memo(("sorted_desc",), lambda: sort_descending(data.features))
 
 
-register("ash_p", defaults={"p": 60}, paper_default={"p": 60})(_shaped(ash_p_features))
-register("ash_b", defaults={"p": 65}, paper_default={"p": 65})(_shaped(ash_b_features))
+def feature_sums(data) -> np.ndarray:
+    return data.memo(("s1",), lambda: data.features.sum(axis=1, dtype=np.float64))
+
+
+def pruned_features(data, p):
+    return ash_prune(data.features, p, sorted_features(data))
+
+
+@register("ash_p", defaults={"p": 60}, paper_default={"p": 60})
+def ash_p(data, head, fit, p):
+    return Output(*head.energy(pruned_features(data, p)[0]))
+
+
+@register("ash_b", defaults={"p": 65}, paper_default={"p": 65})
+def ash_b(data, head, fit, p):
+    # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
+    _, mask, k = pruned_features(data, p)
+    return Output(*head.energy(mask, row_scale=feature_sums(data) / k if k else np.zeros(len(mask))))
 
 
 @register("ash_s", defaults={"p": 90}, paper_default={"p": 90})
 def ash_s(data, head, fit, p):
-    logits = ash_s_logits(data.features, head, p)
-    return Output(energy(logits), logits)
+    pruned = pruned_features(data, p)[0]
+    scale = sharpen_scale(feature_sums(data), pruned.sum(axis=1, dtype=np.float64))
+    return Output(*head.energy(pruned, row_scale=scale))
 
 
 @register("ash_rand", defaults={"p": 65, "seed": 0})
 def ash_rand(data, head, fit, p, seed):
-    logits = head(ash_rand_features(data.features, p, seed, data.ids))
-    return Output(energy(logits), logits)
+    return Output(*head.energy(ash_rand_features(data.features, p, seed, data.ids)))

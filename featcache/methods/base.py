@@ -2,9 +2,13 @@
 
 A method is a function `score(data, head, fit, **params) -> Output`: `data` holds one split's cached
 arrays, `head` the linear layer, `fit` statistics of the id_train split. It returns a score per
-sample (higher = more in-distribution) and the logits of the head it used, for ID accuracy.
+sample (higher = more in-distribution) and the class the head it used predicts, for ID accuracy.
 Methods are registered with `@register`, one module per family; `get_method` also builds
 `nap+<method>` combinations.
+
+Speed at ImageNet scale comes from two habits: the head is applied in row chunks, so no (N, K)
+float64 array is ever held, and what several configurations share (sorted features, energies,
+clipped sums, a base method's scores) is memoised on the split with `data.memo(key, compute)`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,24 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 
+ROW_CHUNK = 4096  # rows per block when applying the head: bounds temporaries at ROW_CHUNK x K
+
+
+def logsumexp_rows(z: np.ndarray) -> np.ndarray:
+    """log(sum_j exp(z_j)) per row, shifted by the row maximum so it cannot overflow."""
+    top = z.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+
+
+def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
+    """T * logsumexp(f / T) per row, in float64, a block of rows at a time."""
+    out = np.empty(len(logits))
+    for start in range(0, len(logits), ROW_CHUNK):
+        block = np.asarray(logits[start : start + ROW_CHUNK], dtype=np.float64)
+        out[start : start + ROW_CHUNK] = T * logsumexp_rows(block / T)
+    return out
+
+
 @dataclass
 class Head:
     weight: np.ndarray  # (K, D) float32
@@ -29,6 +51,33 @@ class Head:
         """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
         return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
 
+    def energy(self, x: np.ndarray, row_scale: np.ndarray | None = None, T: float = 1.0):
+        """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
+
+        One float32 product per block of rows; the scaling, bias and logsumexp in float64.
+        """
+        weight_t = self.weight.T
+
+        def block(start, stop):
+            z = (np.asarray(x[start:stop], dtype=np.float32) @ weight_t).astype(np.float64)
+            if row_scale is not None:
+                z *= row_scale[start:stop, None]
+            z += self.bias
+            return z
+
+        return energy_blocks(block, len(x), T)
+
+
+def energy_blocks(block: Callable, n: int, T: float = 1.0):
+    """(energy, argmax) of logits produced `block(start, stop)` at a time, never all at once."""
+    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+    for start in range(0, n, ROW_CHUNK):
+        stop = min(start + ROW_CHUNK, n)
+        z = block(start, stop)
+        scores[start:stop] = T * logsumexp_rows(z / T) if T != 1 else logsumexp_rows(z)
+        predictions[start:stop] = z.argmax(axis=1)
+    return scores, predictions
+
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
 
@@ -36,16 +85,24 @@ ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
 class SplitData:
     """One split's arrays, given directly or read on first use through `loader(name)`."""
 
-    def __init__(self, name: str, loader: Callable | None = None, **arrays):
+    def __init__(self, name: str, loader: Callable | None = None, same_as: dict | None = None, **arrays):
         self.name = name
         self._loader = loader
+        self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
+        self._memo: dict = {}
         for key, value in arrays.items():
             setattr(self, key, value)
+
+    def memo(self, key, compute):
+        """compute() once per key for this split: what several configurations share."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def __getattr__(self, key):
         # only reached when the attribute is not set yet
         if key in ARRAYS and self.__dict__.get("_loader") is not None:
-            value = self._loader(key)
+            value = getattr(self, self._same_as[key]) if key in self._same_as else self._loader(key)
             setattr(self, key, value)
             return value
         raise AttributeError(f"split {self.__dict__.get('name')!r} has no array {key!r}")
@@ -64,12 +121,9 @@ class Fit:
     def __init__(self, id_train: SplitData, seed: int = 0):
         self.data = id_train
         self.seed = seed
-        self._memo: dict = {}
 
     def memo(self, key, compute):
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        return self.data.memo(("fit",) + tuple(key), compute)
 
     def feature_percentile(self, q: float) -> float:
         """np.percentile (linear) over every entry of the id_train features: ReAct's clip."""
@@ -90,18 +144,16 @@ class Fit:
 @dataclass
 class Output:
     scores: np.ndarray  # (N,) float64, higher = more in-distribution
-    logits: np.ndarray  # (N, K) logits of the head actually used
+    predictions: np.ndarray  # (N,) class predicted by the head the method used (for ID accuracy)
 
 
-def logsumexp_rows(z: np.ndarray) -> np.ndarray:
-    """log(sum_j exp(z_j)) per row, shifted by the row maximum so it cannot overflow."""
-    top = z.max(axis=1, keepdims=True)
-    return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:
+    """Energy of the cached (original) logits, computed once per split and T."""
+    return data.memo(("energy", T), lambda: energy(data.logits, T))
 
 
-def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """T * logsumexp(f / T), in float64."""
-    return T * logsumexp_rows(np.asarray(logits, dtype=np.float64) / T)
+def original_predictions(data: "SplitData") -> np.ndarray:
+    return data.memo(("argmax",), lambda: data.logits.argmax(axis=1))
 
 
 # --- parameters -----------------------------------------------------------------------------------

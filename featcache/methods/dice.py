@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Head, Output, energy, register
+from featcache.methods.base import Head, Output, register
 
 
 def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
@@ -22,5 +22,4 @@ def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
 @register("dice", defaults={"p": 90}, paper_default={"p": 90})
 def dice(data, head, fit, p):
     sparse = fit.memo(("dice_head", p), lambda: dice_head(head, fit.mean_feature, p))
-    logits = sparse(data.features)
-    return Output(energy(logits), logits)
+    return Output(*sparse.energy(data.features))

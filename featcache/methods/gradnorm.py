@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, logsumexp_rows, register
+from featcache.methods.base import Output, logsumexp_rows, original_predictions, register
 
 
 def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndarray:
@@ -25,4 +25,4 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndar
 
 @register("gradnorm", defaults={"T": 1.0}, positive="identity", paper_default={"T": 1.0})
 def gradnorm(data, head, fit, T):
-    return Output(gradnorm_score(data.logits, data.features, T), data.logits)
+    return Output(gradnorm_score(data.logits, data.features, T), original_predictions(data))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.base import Output, register
+from featcache.methods.base import Output, original_predictions, register
 
 CHUNK_ROWS = 2048  # query rows per distance block: bounds memory at CHUNK_ROWS x bank size
 
@@ -50,4 +50,4 @@ def knn_bank(fit, bank: float, seed: int) -> np.ndarray:
 @register("knn", defaults={"k": 50, "bank": 1.0, "seed": 0}, integer=("k",), paper_default={"k": 50, "bank": 1.0, "seed": 0})
 def knn(data, head, fit, k, bank, seed):
     distances = kth_neighbour_distance(l2_normalise(data.features), knn_bank(fit, bank, seed), k)
-    return Output(-distances, data.logits)
+    return Output(-distances, original_predictions(data))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from featcache.methods.base import Output, energy, logsumexp_rows, register
+from featcache.methods.base import Output, energy, logsumexp_rows, original_energy, original_predictions, register
 
 
 def msp_score(logits: np.ndarray) -> np.ndarray:
@@ -24,14 +24,15 @@ def energy_score(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
 
 @register("msp", positive="identity")
 def msp(data, head, fit):
-    return Output(msp_score(data.logits), data.logits)
+    # max softmax = exp(max f - logsumexp f), from the shared energy
+    return Output(np.exp(maxlogit_score(data.logits) - original_energy(data)), original_predictions(data))
 
 
 @register("maxlogit")
 def maxlogit(data, head, fit):
-    return Output(maxlogit_score(data.logits), data.logits)
+    return Output(maxlogit_score(data.logits), original_predictions(data))
 
 
 @register("energy", defaults={"T": 1.0}, paper_default={"T": 1.0})
 def energy_method(data, head, fit, T):
-    return Output(energy_score(data.logits, T), data.logits)
+    return Output(original_energy(data, T), original_predictions(data))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Method, Output, register
+from featcache.methods.base import Method, Output, original_predictions, register
 
 NAP_EPS = 1.0
 
@@ -37,9 +37,13 @@ def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, positive: str) 
         return w * log_x + (1 - w) * np.log(s_nap)
 
 
+def shared_nap_score(data, eps):
+    return data.memo(("nap", eps), lambda: nap_score(data.chan_max, data.chan_mean, eps))
+
+
 @register("nap", defaults={"eps": NAP_EPS}, positive="identity")
 def nap(data, head, fit, eps):
-    return Output(nap_score(data.chan_max, data.chan_mean, eps), data.logits)
+    return Output(shared_nap_score(data, eps), original_predictions(data))
 
 
 # NAP paper, table 11, ImageNet-1k column; a pipeline can give other defaults (e.g. CIFAR-10's).
@@ -53,9 +57,10 @@ def combine(base: Method) -> Method:
         raise ValueError(f"{base.name}: parameter names clash with NAP's w and eps")
 
     def score(data, head, fit, w, eps, **params):
-        out = base.fn(data, head, fit, **params)
-        s_nap = nap_score(data.chan_max, data.chan_mean, eps)
-        return Output(combine_scores(out.scores, s_nap, w, base.positive), out.logits)
+        # neither the base scores nor NAP depend on w: a sweep over w computes them once
+        key = ("method", base.name, tuple(sorted(params.items())))
+        out = data.memo(key, lambda: base.fn(data, head, fit, **params))
+        return Output(combine_scores(out.scores, shared_nap_score(data, eps), w, base.positive), out.predictions)
 
     paper = None
     if base.name in PAPER_W:

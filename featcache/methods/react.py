@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import ash_b_features, ash_p_features, ash_s_logits
-from featcache.methods.base import Output, energy, register
+from featcache.methods.ash import ash_b_fill, ash_prune, sharpen_scale
+from featcache.methods.base import Output, register
 
 
 def react_features(x: np.ndarray, c: float) -> np.ndarray:
@@ -26,27 +26,28 @@ CLIP_CHOICE = (("percentile", "clip"),)
 
 @register("react", defaults={"percentile": 90, "clip": None}, one_of=CLIP_CHOICE, paper_default={"percentile": 90})
 def react(data, head, fit, percentile=None, clip=None):
-    logits = head(react_features(data.features, clip_value(fit, clip, percentile)))
-    return Output(energy(logits), logits)
+    return Output(*head.energy(react_features(data.features, clip_value(fit, clip, percentile))))
 
 
-def _react_then(shape_fn):
-    def score(data, head, fit, p, percentile=None, clip=None):
-        clipped = react_features(data.features, clip_value(fit, clip, percentile))
-        logits = head(shape_fn(clipped, p))
-        return Output(energy(logits), logits)
+def clipped(data, fit, percentile, clip):
+    return react_features(data.features, clip_value(fit, clip, percentile))
 
-    return score
+
+@register("react+ash_p", defaults={"p": 60, "percentile": 90, "clip": None}, one_of=CLIP_CHOICE)
+def react_ash_p(data, head, fit, p, percentile=None, clip=None):
+    return Output(*head.energy(ash_prune(clipped(data, fit, percentile, clip), p)[0]))
+
+
+@register("react+ash_b", defaults={"p": 65, "percentile": 90, "clip": None}, one_of=CLIP_CHOICE)
+def react_ash_b(data, head, fit, p, percentile=None, clip=None):
+    x = clipped(data, fit, percentile, clip)
+    _, mask, k = ash_prune(x, p)
+    return Output(*head.energy(mask, row_scale=ash_b_fill(x, k)))
 
 
 @register("react+ash_s", defaults={"p": 90, "percentile": 90, "clip": None}, one_of=CLIP_CHOICE)
 def react_ash_s(data, head, fit, p, percentile=None, clip=None):
-    clipped = react_features(data.features, clip_value(fit, clip, percentile))
-    logits = ash_s_logits(clipped, head, p)
-    return Output(energy(logits), logits)
-
-
-register("react+ash_p", defaults={"p": 60, "percentile": 90, "clip": None}, one_of=CLIP_CHOICE)(
-    _react_then(ash_p_features))
-register("react+ash_b", defaults={"p": 65, "percentile": 90, "clip": None}, one_of=CLIP_CHOICE)(
-    _react_then(ash_b_features))
+    x = clipped(data, fit, percentile, clip)
+    pruned = ash_prune(x, p)[0]
+    scale = sharpen_scale(x.sum(axis=1, dtype=np.float64), pruned.sum(axis=1, dtype=np.float64))
+    return Output(*head.energy(pruned, row_scale=scale))

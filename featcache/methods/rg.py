@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, energy, register
+from featcache.methods.base import Output, energy, original_energy, original_predictions, register
 
 
 def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
@@ -37,7 +37,7 @@ def alpha_s(fit, k: float) -> float:
 
     def compute():
         rows = fit.subsample(ALPHA_SAMPLES)
-        output_term = energy(fit.data.logits[rows])
+        output_term = energy(fit.data.logits[rows])  # logsumexp(f), T = 1
         feature_term = clipped_sum(fit.data.features[rows], k)
         spread = feature_term.std()
         return float(output_term.std() / spread) if spread > 0 else 0.0
@@ -45,9 +45,13 @@ def alpha_s(fit, k: float) -> float:
     return fit.memo(("alpha_s", k), compute)
 
 
+def shared_clipped_sum(data, k):
+    return data.memo(("clipped_sum", k), lambda: clipped_sum(data.features, k))
+
+
 @register("rg", defaults={"k": 1.0, "T": 1.0}, paper_default={"k": 1.0, "T": 1.0})
 def rg(data, head, fit, k, T):
-    return Output(rg_score(data.logits, data.features, k, T), data.logits)
+    return Output(original_energy(data, T) * shared_clipped_sum(data, k), original_predictions(data))
 
 
 @register("rg_add", defaults={"k": 1.0, "alpha_scale": 1.0, "alpha": None}, one_of=(("alpha_scale", "alpha"),),
@@ -55,4 +59,4 @@ def rg(data, head, fit, k, T):
 def rg_add(data, head, fit, k, alpha_scale=None, alpha=None):
     if alpha is None:
         alpha = alpha_scale * alpha_s(fit, k)
-    return Output(rg_add_score(data.logits, data.features, k, alpha), data.logits)
+    return Output(original_energy(data) + alpha * shared_clipped_sum(data, k), original_predictions(data))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import ash_prune, ash_s_scale
-from featcache.methods.base import Output, energy, register
+from featcache.methods.ash import ash_prune, ash_s_scale, feature_sums, keep_count, sharpen_scale, sorted_features
+from featcache.methods.base import Output, energy_blocks, register
 
 
 def scale_factor(x: np.ndarray, p: float) -> np.ndarray:
@@ -20,7 +20,14 @@ def scale_factor(x: np.ndarray, p: float) -> np.ndarray:
 
 @register("scale", defaults={"p": 85}, paper_default={"p": 85})
 def scale(data, head, fit, p):
-    x = data.features
-    r = scale_factor(x, p)
-    logits = ((x @ head.weight.T).astype(np.float64) * r[:, None] + head.bias).astype(np.float32)
-    return Output(energy(logits), logits)
+    # s2 is the sum of the k largest values whatever the ties; and since W x = f - b with f the cached
+    # logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
+    k = keep_count(data.features.shape[1], p)
+    s2 = sorted_features(data)[:, :k].sum(axis=1, dtype=np.float64)
+    r = sharpen_scale(feature_sums(data), s2)
+    f, b = data.logits, head.bias.astype(np.float64)
+
+    def block(start, stop):
+        return (f[start:stop].astype(np.float64) - b) * r[start:stop, None] + b
+
+    return Output(*energy_blocks(block, len(f)))

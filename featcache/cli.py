@@ -76,15 +76,21 @@ def info(cache):
 @click.option("--cache", "cache_path", type=click.Path(), default=None, help="Cache to read (default: the pipeline's `cache:`).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Results CSV (default: results/<pipeline name>/sweep.csv).")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches of configurations run in parallel joblib workers (same results as serial).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(pipeline, cache_path, out, quiet):
-    """Replay every method and grid of PIPELINE's `sweep:` from its cache; write metrics per ood split."""
+def sweep(pipeline, cache_path, out, jobs, quiet):
+    """Replay every method and grid of PIPELINE's `sweep:` from its cache; write metrics per ood split.
+
+    Finished configurations are kept (keyed by cache fingerprint, method and parameters), so an
+    interrupted sweep, run again, computes only what is missing.
+    """
     from featcache.config import load_pipeline
     from featcache.sweep import format_table, run_sweep
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
-    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, progress=not quiet)
+    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")

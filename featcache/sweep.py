@@ -113,24 +113,95 @@ def params_key(params: dict) -> str:
     return json.dumps(params, sort_keys=True)
 
 
+def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
+    """One row per ood split (ID scores against that split's), then their mean."""
+    rows = []
+    for ood, scores in ood_scores.items():
+        try:
+            metrics = ood_metrics(id_scores, scores)
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{method_name} {params_key(params)} on {ood}: {exc}") from None
+        rows.append({"method": method_name, "params": params_key(params), "ood": ood, **metrics, "id_acc": id_acc})
+    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    rows.append({"method": method_name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
+    return rows
+
+
 def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData | None = None,
              ood_splits: list[SplitData] | None = None) -> list[dict]:
-    """Metric rows for one configuration: one per ood split, then their mean."""
+    """Metric rows for one configuration on already loaded splits (by default id_test and the oods)."""
     id_split = id_split or replay.id_test
     ood_splits = replay.oods if ood_splits is None else ood_splits
     out_id = method(id_split, replay.head, replay.fit, **params)
-    id_acc = accuracy(out_id.predictions, id_split.labels)
+    ood_scores = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in ood_splits}
+    return metric_rows(method.name, params, out_id.scores, accuracy(out_id.predictions, id_split.labels), ood_scores)
+
+
+def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None) -> list[dict]:
+    """Metric rows of `configs` (method name, parameters), computed one split at a time.
+
+    Each split's arrays and its memo of shared work are held only while every configuration of
+    the batch is scored on it, so memory stays at about one split whatever the grid. A module-level
+    function of plain arguments, so joblib can run batches in other processes.
+    """
+    with open_cache(cache_path, storage_options=storage_options) as cache:
+        replay = load_replay(cache)
+        methods = [(get_method(name), params) for name, params in configs]
+        outputs = [method(replay.id_test, replay.head, replay.fit, **params) for method, params in methods]
+        id_scores = [out.scores for out in outputs]
+        id_acc = [accuracy(out.predictions, replay.id_test.labels) for out in outputs]
+        replay.id_test = None
+        ood_scores: list[dict] = [{} for _ in methods]
+        for i, ood in enumerate(replay.oods):
+            for scores, (method, params) in zip(ood_scores, methods):
+                scores[ood.name] = method(ood, replay.head, replay.fit, **params).scores
+            replay.oods[i] = None  # release the split and its memo before the next one is read
     rows = []
-    for ood in ood_splits:
-        scores = method(ood, replay.head, replay.fit, **params).scores
-        try:
-            metrics = ood_metrics(out_id.scores, scores)
-        except FeatcacheError as exc:
-            raise FeatcacheError(f"{method.name} {params_key(params)} on {ood.name}: {exc}") from None
-        rows.append({"method": method.name, "params": params_key(params), "ood": ood.name, **metrics, "id_acc": id_acc})
-    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
-    rows.append({"method": method.name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
+    for (method, params), ids, acc, oods in zip(methods, id_scores, id_acc, ood_scores):
+        rows.extend(metric_rows(method.name, params, ids, acc, oods))
     return rows
+
+
+class ProgressStore:
+    """Finished configurations of a sweep, one JSON line each, keyed by cache fingerprint.
+
+    Lets an interrupted or extended sweep compute only what is missing. Lines written for another
+    fingerprint are never used: a store made for another cache is started afresh.
+    """
+
+    def __init__(self, results_csv: Path, fingerprint: str):
+        self.path = results_csv.with_name(f".{results_csv.name}.progress.jsonl")
+        self.fingerprint = fingerprint
+        self.done: dict[tuple[str, str], list[dict]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that configuration is simply redone
+                if entry.get("fingerprint") == fingerprint:
+                    self.done[(entry["method"], entry["params"])] = entry["rows"]
+
+    def add(self, rows: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        by_config: dict[tuple[str, str], list[dict]] = {}
+        for row in rows:
+            by_config.setdefault((row["method"], row["params"]), []).append(row)
+        with open(self.path, "a") as fh:
+            for (method, params), config_rows in by_config.items():
+                fh.write(json.dumps({"fingerprint": self.fingerprint, "method": method, "params": params,
+                                     "rows": config_rows}) + "\n")
+                self.done[(method, params)] = config_rows
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def batches_by_method(configs: list[tuple[Method, dict]]) -> list[list[tuple[str, dict]]]:
+    """Configurations grouped by method: the work they share (sorts, energies) is memoised per batch."""
+    groups: dict[str, list] = {}
+    for method, params in configs:
+        groups.setdefault(method.name, []).append((method.name, params))
+    return list(groups.values())
 
 
 def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
@@ -187,15 +258,51 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(grid: dict, cache_path, out_path, *, progress: bool = True) -> list[dict]:
-    """Evaluate every configuration of `grid` on the cache and write the results CSV."""
+def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
+              storage_options: dict | None = None) -> list[dict]:
+    """Evaluate every configuration of `grid` on the cache and write the results CSV.
+
+    Configurations already in the progress store for this cache's fingerprint are not computed
+    again; with `jobs` > 1, batches of configurations run in parallel joblib workers, each reading
+    the cache itself, with the same results as a serial run.
+    """
+    from joblib import Parallel, delayed
     from tqdm import tqdm
 
+    out_path = Path(out_path)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
-    with open_cache(cache_path) as cache:
-        replay = load_replay(cache)
-        rows = []
-        for method, params in tqdm(configs, desc="sweep", unit="config", disable=not progress):
-            rows.extend(evaluate(method, params, replay))
-    write_csv(rows, Path(out_path))
+    with open_cache(cache_path, storage_options=storage_options) as cache:
+        load_replay(cache)  # refuses a cache that cannot be swept before any work starts
+        fingerprint = cache.fingerprint
+    store = ProgressStore(out_path, fingerprint)
+    todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
+    batches = batches_by_method(todo)
+    if jobs == 1:
+        finished = (sweep_batch(cache_path, batch, storage_options) for batch in batches)
+    else:
+        finished = Parallel(n_jobs=jobs, return_as="generator_unordered")(
+            delayed(sweep_batch)(cache_path, batch, storage_options) for batch in batches)
+    for rows in finished:
+        store.add(rows)
+        bar.update(len({(r["method"], r["params"]) for r in rows}))
+    bar.close()
+    rows = [row for m, p in configs for row in store.done[(m.name, params_key(p))]]
+    write_csv(rows, out_path)
+    write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs))
     return rows
+
+
+def write_meta(results_csv: Path, **meta) -> Path:
+    """`<results>.meta.json`: the fingerprint of the cache every row of the results came from."""
+    from datetime import datetime, timezone
+
+    import featcache
+
+    path = results_csv.with_name(results_csv.stem + ".meta.json")
+    meta = {**meta, "featcache_version": featcache.__version__,
+            "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -188,3 +188,58 @@ def test_bad_grid_is_one_line(digits, tmp_path, capsys, grid, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "res" / "sweep_only" / "sweep.csv").exists()
+
+
+def test_parallel_sweep_equals_serial(digits, tmp_path):
+    from featcache.sweep import run_sweep
+
+    run_sweep(GRID, digits["cache"], tmp_path / "serial" / "sweep.csv", progress=False)
+    run_sweep(GRID, digits["cache"], tmp_path / "parallel" / "sweep.csv", jobs=2, progress=False)
+    assert (tmp_path / "serial" / "sweep.csv").read_text() == (tmp_path / "parallel" / "sweep.csv").read_text()
+
+
+def test_interrupted_sweep_computes_only_the_missing_configurations(digits, tmp_path, monkeypatch):
+    from featcache import sweep as sweep_mod
+
+    out = tmp_path / "res" / "sweep.csv"
+    original = sweep_mod.sweep_batch
+    computed = []
+
+    def dying_after_three(cache_path, configs, storage_options=None):
+        if len(computed) == 3:
+            raise KeyboardInterrupt
+        computed.append([name for name, _ in configs])
+        return original(cache_path, configs, storage_options)
+
+    monkeypatch.setattr(sweep_mod, "sweep_batch", dying_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.run_sweep(GRID, digits["cache"], out, progress=False)
+    assert not out.exists()
+    first = [name for batch in computed for name in batch]
+
+    def counting(cache_path, configs, storage_options=None):
+        computed.append([name for name, _ in configs])
+        return original(cache_path, configs, storage_options)
+
+    computed.clear()
+    monkeypatch.setattr(sweep_mod, "sweep_batch", counting)
+    sweep_mod.run_sweep(GRID, digits["cache"], out, progress=False)
+    again = [name for batch in computed for name in batch]
+    assert not set(first) & set(again)
+    assert len(first) + len(again) == sum(len(sweep_mod.expand_grid({m: g})) for m, g in GRID.items())
+    clean = tmp_path / "clean" / "sweep.csv"
+    monkeypatch.setattr(sweep_mod, "sweep_batch", original)
+    sweep_mod.run_sweep(GRID, digits["cache"], clean, progress=False)
+    assert out.read_text() == clean.read_text()
+    meta = json.loads((tmp_path / "res" / "sweep.meta.json").read_text())
+    assert meta["fingerprint"] == featcache.open_cache(digits["cache"]).fingerprint
+
+
+def test_progress_of_another_cache_is_never_reused(digits, tmp_path):
+    from featcache.sweep import ProgressStore
+
+    out = tmp_path / "sweep.csv"
+    ProgressStore(out, "a" * 64).add([{"method": "energy", "params": '{"T": 1}', "ood": "mean", "fpr95": 0.0,
+                                        "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "id_acc": 1.0}])
+    assert ProgressStore(out, "a" * 64).done
+    assert not ProgressStore(out, "b" * 64).done

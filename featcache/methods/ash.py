@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from featcache.methods.base import Output, register
+from featcache.methods.base import Output, map_row_blocks, register, row_reduce
 
 
 def keep_count(n: int, p: float) -> int:
@@ -34,11 +34,21 @@ def keep_count(n: int, p: float) -> int:
 
 def sort_descending(x: np.ndarray) -> np.ndarray:
     """Each row's values from largest to smallest: one sort serves every p."""
-    return np.sort(x, axis=1)[:, ::-1]
+    out = np.empty_like(x)
+
+    def run(start, stop):
+        out[start:stop] = np.sort(x[start:stop], axis=1)[:, ::-1]
+
+    map_row_blocks(run, len(x))
+    return out
 
 
-def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None) -> np.ndarray:
-    """Boolean (N, D) mask of the k largest entries per row; among equal values, lowest index first."""
+def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zero_ties: bool = True) -> np.ndarray:
+    """Boolean (N, D) mask of the k largest entries per row; among equal values, lowest index first.
+
+    With zero_ties=False, ties at a k-th value of 0 are not broken (all zeros kept): for pruning that
+    changes nothing, as kept and dropped zeros are both zero, and it saves the work.
+    """
     n, d = x.shape
     if k <= 0:
         return np.zeros_like(x, dtype=bool)
@@ -49,7 +59,10 @@ def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None) -> 
     kth = sorted_desc[:, k - 1]
     mask = x >= kth[:, None]
     # Where the (k+1)-th value equals the k-th, more entries tie than there is room for.
-    tie_rows = np.flatnonzero(sorted_desc[:, k] == kth)
+    ties = sorted_desc[:, k] == kth
+    if not zero_ties:
+        ties &= kth != 0
+    tie_rows = np.flatnonzero(ties)
     if tie_rows.size:
         sub, sub_kth = x[tie_rows], kth[tie_rows, None]
         above = sub > sub_kth
@@ -113,30 +126,45 @@ def sorted_features(data) -> np.ndarray:
 
 
 def feature_sums(data) -> np.ndarray:
-    return data.memo(("s1",), lambda: data.features.sum(axis=1, dtype=np.float64))
+    return data.memo(("s1",), lambda: row_reduce(lambda a, b: data.features[a:b].sum(axis=1, dtype=np.float64),
+                                                  len(data.features)))
 
 
-def pruned_features(data, p):
-    return ash_prune(data.features, p, sorted_features(data))
+def pruned_blocks(data, p, zero_ties):
+    """(rows(start, stop) -> pruned rows, mask(start, stop), k), shaping a block at a time."""
+    x, srt = data.features, sorted_features(data)
+    k = keep_count(x.shape[1], p)
+
+    def mask(start, stop):
+        return top_k_mask(x[start:stop], k, srt[start:stop], zero_ties=zero_ties)
+
+    def rows(start, stop):
+        return x[start:stop] * mask(start, stop)
+
+    return rows, mask, k
 
 
 @register("ash_p", defaults={"p": 60}, paper_default={"p": 60})
 def ash_p(data, head, fit, p):
-    return Output(*head.energy(pruned_features(data, p)[0]))
+    rows, _, _ = pruned_blocks(data, p, zero_ties=False)
+    return Output(*head.energy(rows, n=len(data.features)))
 
 
 @register("ash_b", defaults={"p": 65}, paper_default={"p": 65})
 def ash_b(data, head, fit, p):
     # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
-    _, mask, k = pruned_features(data, p)
-    return Output(*head.energy(mask, row_scale=feature_sums(data) / k if k else np.zeros(len(mask))))
+    _, mask, k = pruned_blocks(data, p, zero_ties=True)
+    fill = feature_sums(data) / k if k else np.zeros(len(data.features))
+    return Output(*head.energy(mask, row_scale=fill, n=len(data.features)))
 
 
 @register("ash_s", defaults={"p": 90}, paper_default={"p": 90})
 def ash_s(data, head, fit, p):
-    pruned = pruned_features(data, p)[0]
-    scale = sharpen_scale(feature_sums(data), pruned.sum(axis=1, dtype=np.float64))
-    return Output(*head.energy(pruned, row_scale=scale))
+    k = keep_count(data.features.shape[1], p)
+    srt = sorted_features(data)
+    s2 = row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt))
+    rows, _, _ = pruned_blocks(data, p, zero_ties=False)
+    return Output(*head.energy(rows, row_scale=sharpen_scale(feature_sums(data), s2), n=len(srt)))
 
 
 @register("ash_rand", defaults={"p": 65, "seed": 0})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -24,7 +25,36 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 
-ROW_CHUNK = 4096  # rows per block when applying the head: bounds temporaries at ROW_CHUNK x K
+ROW_BLOCK = 1024  # rows per block of work: one head product of 1024 x D, temporaries of 1024 x K
+LSE_BLOCK = 128  # rows per in-place logsumexp pass: small enough to stay in the CPU cache
+
+
+def n_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
+    """Call fn(start, stop) for every block of rows, on all cores.
+
+    numpy's elementwise work is single-threaded; running whole blocks (product, shaping,
+    logsumexp) in a thread per core, with BLAS held to one thread, keeps every core busy.
+    """
+    blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
+    workers = min(n_workers(), len(blocks))
+    if workers <= 1:
+        for start, stop in blocks:
+            fn(start, stop)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(fn, start, stop) for start, stop in blocks]:
+            future.result()
 
 
 def logsumexp_rows(z: np.ndarray) -> np.ndarray:
@@ -33,12 +63,57 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
 
 
+def _lse_and_argmax_inplace(z: np.ndarray, T: float, scores: np.ndarray, predictions: np.ndarray) -> None:
+    """Energy T * logsumexp(z / T) and argmax of each row of float64 `z`, overwriting z."""
+    for start in range(0, len(z), LSE_BLOCK):
+        block = z[start : start + LSE_BLOCK]
+        predictions[start : start + LSE_BLOCK] = block.argmax(axis=1)
+        if T != 1:
+            block *= 1.0 / T
+        top = block.max(axis=1, keepdims=True)
+        block -= top
+        np.exp(block, out=block)
+        scores[start : start + LSE_BLOCK] = T * (top[:, 0] + np.log(block.sum(axis=1)))
+
+
+def energy_blocks(block: Callable, n: int, T: float = 1.0):
+    """(energy, argmax) of float64 logits produced `block(start, stop)` at a time, on all cores."""
+    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+
+    def run(start, stop):
+        _lse_and_argmax_inplace(block(start, stop), T, scores[start:stop], predictions[start:stop])
+
+    map_row_blocks(run, n)
+    return scores, predictions
+
+
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """T * logsumexp(f / T) per row, in float64, a block of rows at a time."""
+    """T * logsumexp(f / T) per row, in float64 (T * lse(f / T) = max f + T * lse((f - max f) / T))."""
     out = np.empty(len(logits))
-    for start in range(0, len(logits), ROW_CHUNK):
-        block = np.asarray(logits[start : start + ROW_CHUNK], dtype=np.float64)
-        out[start : start + ROW_CHUNK] = T * logsumexp_rows(block / T)
+
+    def run(start, stop):
+        for a in range(start, stop, LSE_BLOCK):
+            block = logits[a : min(a + LSE_BLOCK, stop)]
+            top = block.max(axis=1, keepdims=True).astype(np.float64)
+            z = block.astype(np.float64)
+            z -= top  # same-dtype in-place arithmetic: the fast (vectorised) loops
+            if T != 1:
+                z *= 1.0 / T  # a multiply is several times cheaper than a divide
+            np.exp(z, out=z)
+            out[a : a + len(block)] = top[:, 0] + T * np.log(z.sum(axis=1))
+
+    map_row_blocks(run, len(logits))
+    return out
+
+
+def row_reduce(fn: Callable, n: int) -> np.ndarray:
+    """fn(start, stop) -> one float64 per row, over all rows, on all cores."""
+    out = np.empty(n)
+
+    def run(start, stop):
+        out[start:stop] = fn(start, stop)
+
+    map_row_blocks(run, n)
     return out
 
 
@@ -51,32 +126,23 @@ class Head:
         """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
         return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
 
-    def energy(self, x: np.ndarray, row_scale: np.ndarray | None = None, T: float = 1.0):
+    def energy(self, x, row_scale: np.ndarray | None = None, T: float = 1.0, n: int | None = None):
         """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
 
-        One float32 product per block of rows; the scaling, bias and logsumexp in float64.
+        `x` is an (N, D) array, or a function (start, stop) -> the shaped rows start:stop, so that
+        shaping too runs a block at a time. One float32 product per block; the rest in float64.
         """
+        rows = x if callable(x) else (lambda a, b: x[a:b])
         weight_t = self.weight.T
 
         def block(start, stop):
-            z = (np.asarray(x[start:stop], dtype=np.float32) @ weight_t).astype(np.float64)
+            z = (np.asarray(rows(start, stop), dtype=np.float32) @ weight_t).astype(np.float64)
             if row_scale is not None:
                 z *= row_scale[start:stop, None]
             z += self.bias
             return z
 
-        return energy_blocks(block, len(x), T)
-
-
-def energy_blocks(block: Callable, n: int, T: float = 1.0):
-    """(energy, argmax) of logits produced `block(start, stop)` at a time, never all at once."""
-    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
-    for start in range(0, n, ROW_CHUNK):
-        stop = min(start + ROW_CHUNK, n)
-        z = block(start, stop)
-        scores[start:stop] = T * logsumexp_rows(z / T) if T != 1 else logsumexp_rows(z)
-        predictions[start:stop] = z.argmax(axis=1)
-    return scores, predictions
+        return energy_blocks(block, len(x) if n is None else n, T)
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")

@@ -12,10 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.base import Output, original_predictions, register
-
-CHUNK_ROWS = 2048  # query rows per distance block: bounds memory at CHUNK_ROWS x bank size
-
+from featcache.methods.base import Output, original_predictions, register, row_reduce
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
@@ -27,12 +24,13 @@ def kth_neighbour_distance(queries: np.ndarray, bank: np.ndarray, k: int) -> np.
     if not 1 <= k <= len(bank):
         raise FeatcacheError(f"knn: k = {k} but the bank has {len(bank)} features")
     bank_sq = (bank.astype(np.float64) ** 2).sum(axis=1)
-    out = np.empty(len(queries))
-    for start in range(0, len(queries), CHUNK_ROWS):
-        q = queries[start : start + CHUNK_ROWS]
+
+    def kth_squared(start, stop):
+        q = queries[start:stop]
         sq = (q.astype(np.float64) ** 2).sum(axis=1)[:, None] + bank_sq[None, :] - 2.0 * (q @ bank.T)
-        out[start : start + CHUNK_ROWS] = np.partition(sq, k - 1, axis=1)[:, k - 1]
-    return np.sqrt(np.maximum(out, 0.0))
+        return np.partition(sq, k - 1, axis=1)[:, k - 1]
+
+    return np.sqrt(np.maximum(row_reduce(kth_squared, len(queries)), 0.0))
 
 
 def knn_bank(fit, bank: float, seed: int) -> np.ndarray:

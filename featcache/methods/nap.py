@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Method, Output, original_predictions, register
+from featcache.methods.base import Method, Output, original_predictions, register, row_reduce
 
 NAP_EPS = 1.0
 
@@ -38,7 +38,8 @@ def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, positive: str) 
 
 
 def shared_nap_score(data, eps):
-    return data.memo(("nap", eps), lambda: nap_score(data.chan_max, data.chan_mean, eps))
+    mx, mn = data.chan_max, data.chan_mean
+    return data.memo(("nap", eps), lambda: row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), len(mx)))
 
 
 @register("nap", defaults={"eps": NAP_EPS}, positive="identity")

@@ -26,7 +26,8 @@ CLIP_CHOICE = (("percentile", "clip"),)
 
 @register("react", defaults={"percentile": 90, "clip": None}, one_of=CLIP_CHOICE, paper_default={"percentile": 90})
 def react(data, head, fit, percentile=None, clip=None):
-    return Output(*head.energy(react_features(data.features, clip_value(fit, clip, percentile))))
+    c, x = clip_value(fit, clip, percentile), data.features
+    return Output(*head.energy(lambda a, b: react_features(x[a:b], c), n=len(x)))
 
 
 def clipped(data, fit, percentile, clip):

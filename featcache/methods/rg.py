@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, energy, original_energy, original_predictions, register
+from featcache.methods.base import Output, energy, original_energy, original_predictions, register, row_reduce
 
 
 def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
@@ -46,7 +46,8 @@ def alpha_s(fit, k: float) -> float:
 
 
 def shared_clipped_sum(data, k):
-    return data.memo(("clipped_sum", k), lambda: clipped_sum(data.features, k))
+    x = data.features
+    return data.memo(("clipped_sum", k), lambda: row_reduce(lambda a, b: clipped_sum(x[a:b], k), len(x)))
 
 
 @register("rg", defaults={"k": 1.0, "T": 1.0}, paper_default={"k": 1.0, "T": 1.0})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import ash_prune, ash_s_scale, feature_sums, keep_count, sharpen_scale, sorted_features
-from featcache.methods.base import Output, energy_blocks, register
+from featcache.methods.base import Output, energy_blocks, register, row_reduce
 
 
 def scale_factor(x: np.ndarray, p: float) -> np.ndarray:
@@ -23,7 +23,8 @@ def scale(data, head, fit, p):
     # s2 is the sum of the k largest values whatever the ties; and since W x = f - b with f the cached
     # logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
     k = keep_count(data.features.shape[1], p)
-    s2 = sorted_features(data)[:, :k].sum(axis=1, dtype=np.float64)
+    srt = sorted_features(data)
+    s2 = row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt))
     r = sharpen_scale(feature_sums(data), s2)
     f, b = data.logits, head.bias.astype(np.float64)
 

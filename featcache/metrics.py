@@ -18,43 +18,54 @@ from featcache.errors import FeatcacheError
 TPR_LEVEL = 0.95
 
 
-def _curve(pos: np.ndarray, neg: np.ndarray):
-    """True and false positive counts at each distinct threshold, thresholds descending."""
-    scores = np.concatenate([pos, neg])
-    is_pos = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
-    order = np.argsort(-scores, kind="mergesort")
-    scores, is_pos = scores[order], is_pos[order]
-    # the last index of each run of equal scores closes one threshold
-    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(is_pos)[last]
-    fps = last + 1 - tps
-    return tps.astype(np.float64), fps.astype(np.float64)
+class SortedScores:
+    """Scores sorted once, with the counts needed to place other scores among them."""
 
+    def __init__(self, scores):
+        scores = np.asarray(scores, dtype=np.float64).ravel()
+        if len(scores) == 0:
+            raise FeatcacheError("metrics need at least one ID and one OOD score")
+        if np.isnan(scores).any():
+            raise FeatcacheError(f"{int(np.isnan(scores).sum())} scores are NaN")
+        self.sorted = np.sort(scores)
+        self.n = len(scores)
+        # distinct values ascending, and how many scores take each
+        self.values, self.counts = np.unique(self.sorted, return_counts=True)
 
-def _average_precision(tps, fps, n_pos):
-    precision = tps / (tps + fps)
-    recall = tps / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    def at_least(self, t):
+        """How many scores are >= t, for each t."""
+        return self.n - np.searchsorted(self.sorted, t, side="left")
+
+    def at_most(self, t):
+        """How many scores are <= t, for each t."""
+        return np.searchsorted(self.sorted, t, side="right")
 
 
 def ood_metrics(id_scores, ood_scores) -> dict:
-    """fpr95, auroc, aupr_in and aupr_out for ID scores against OOD scores (higher = more ID)."""
-    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
-    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
-    if len(id_scores) == 0 or len(ood_scores) == 0:
-        raise FeatcacheError("metrics need at least one ID and one OOD score")
-    for label, values in (("ID", id_scores), ("OOD", ood_scores)):
-        if np.isnan(values).any():
-            raise FeatcacheError(f"{int(np.isnan(values).sum())} {label} scores are NaN")
-    n_id, n_ood = len(id_scores), len(ood_scores)
-    tps, fps = _curve(id_scores, ood_scores)
-    tpr, fpr = tps / n_id, fps / n_ood
-    fpr95 = float(fpr[np.argmax(tpr >= TPR_LEVEL)])
-    tpr0, fpr0 = np.r_[0.0, tpr], np.r_[0.0, fpr]
-    auroc = float(np.sum(np.diff(fpr0) * (tpr0[1:] + tpr0[:-1]) / 2))
-    aupr_in = _average_precision(tps, fps, n_id)
-    out_tps, out_fps = _curve(-ood_scores, -id_scores)
-    aupr_out = _average_precision(out_tps, out_fps, n_ood)
+    """fpr95, auroc, aupr_in and aupr_out for ID scores against OOD scores (higher = more ID).
+
+    Either argument may be a SortedScores, so that one split's sort serves many comparisons.
+    """
+    ids = id_scores if isinstance(id_scores, SortedScores) else SortedScores(id_scores)
+    ood = ood_scores if isinstance(ood_scores, SortedScores) else SortedScores(ood_scores)
+    # ROC over thresholds at each distinct ID value, descending: TPR steps only there
+    thresholds = ids.values[::-1]
+    tps = ids.at_least(thresholds).astype(np.float64)
+    fps = ood.at_least(thresholds).astype(np.float64)
+    # FPR95: the first threshold (descending, over ID and OOD values alike) with TPR >= 0.95. An
+    # OOD value between two ID values does not change TPR, so the first ID value reaching it decides.
+    first = int(np.argmax(tps / ids.n >= TPR_LEVEL))
+    fpr95 = float(fps[first] / ood.n)
+    # AUROC = P(ID > OOD) + P(ID = OOD) / 2, counted per distinct OOD value
+    below = ids.n - ids.at_least(ood.values)  # ID scores strictly below each OOD value
+    ties = ids.at_most(ood.values) - below
+    auroc = float(np.sum(ood.counts * (ids.n - below - ties + 0.5 * ties)) / (ids.n * ood.n))
+    # AUPR-In: average precision with ID positive, thresholds at distinct ID values
+    aupr_in = float(np.sum(ids.counts[::-1] / ids.n * tps / (tps + fps)))
+    # AUPR-Out: OOD positive with scores negated, i.e. thresholds at distinct OOD values ascending
+    out_tps = ood.at_most(ood.values).astype(np.float64)
+    out_fps = ids.at_most(ood.values).astype(np.float64)
+    aupr_out = float(np.sum(ood.counts / ood.n * out_tps / (out_tps + out_fps)))
     return {"fpr95": fpr95, "auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out}
 
 

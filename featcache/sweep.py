@@ -17,7 +17,7 @@ import numpy as np
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
 from featcache.methods.base import Fit, Head, Method, SplitData, get_method
-from featcache.metrics import accuracy, ood_metrics
+from featcache.metrics import SortedScores, accuracy, ood_metrics
 
 COLUMNS = ("method", "params", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc")
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
@@ -37,12 +37,21 @@ class Replay:
     pseudo_oods: list[SplitData] | None = None
 
 
-def split_loader(cache: Cache, split: Split):
-    """Reads arrays of `split` on demand, refusing NaN or Inf with a count and the first sample id."""
+def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
+    """Reads arrays of `split` on demand, refusing NaN or Inf with a count and the first sample id.
+
+    Seconds spent reading are added to read_clock[0] when it is given.
+    """
+    import time
 
     def load(key):
+        started = time.perf_counter()
         values = split.read(key)
-        if values.dtype.kind == "f":
+        if read_clock is not None:
+            read_clock[0] += time.perf_counter() - started
+        # A NaN or Inf anywhere makes the float64 sum non-finite: one fast pass finds out, and only
+        # then is the count and the first bad sample looked for.
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
             bad = ~np.isfinite(values)
             if bad.any():
                 rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
@@ -54,17 +63,17 @@ def split_loader(cache: Cache, split: Split):
     return load
 
 
-def split_data(cache: Cache, split: Split, width: int) -> SplitData:
+def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None) -> SplitData:
     if split.n == 0 or split.shape("features")[0] == 0:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} is empty")
     d = split.shape("features")[1]
     if d != width:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
     same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
-    return SplitData(split.name, loader=split_loader(cache, split), same_as=same)
+    return SplitData(split.name, loader=split_loader(cache, split, read_clock), same_as=same)
 
 
-def load_replay(cache: Cache, *, with_selection: bool = False) -> Replay:
+def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list | None = None) -> Replay:
     weight, bias = cache.head_weight, cache.head_bias
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
         raise FeatcacheError(f"{cache.path}: head weight {weight.shape} and bias {bias.shape} do not fit together")
@@ -74,9 +83,9 @@ def load_replay(cache: Cache, *, with_selection: bool = False) -> Replay:
         raise FeatcacheError(f"{cache.path}: no split with role 'ood' to evaluate against")
     replay = Replay(
         head=Head(weight.astype(np.float32), bias.astype(np.float32)),
-        fit=Fit(split_data(cache, cache.one_split("id_train"), width)),
-        id_test=split_data(cache, cache.one_split("id_test"), width),
-        oods=[split_data(cache, s, width) for s in oods],
+        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock)),
+        id_test=split_data(cache, cache.one_split("id_test"), width, read_clock),
+        oods=[split_data(cache, s, width, read_clock) for s in oods],
         fingerprint=cache.fingerprint,
     )
     if with_selection:
@@ -116,9 +125,13 @@ def params_key(params: dict) -> str:
 def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
     """One row per ood split (ID scores against that split's), then their mean."""
     rows = []
+    try:
+        id_sorted = SortedScores(id_scores)  # sorted once for every ood split
+    except FeatcacheError as exc:
+        raise FeatcacheError(f"{method_name} {params_key(params)} on the ID split: {exc}") from None
     for ood, scores in ood_scores.items():
         try:
-            metrics = ood_metrics(id_scores, scores)
+            metrics = ood_metrics(id_sorted, scores)
         except FeatcacheError as exc:
             raise FeatcacheError(f"{method_name} {params_key(params)} on {ood}: {exc}") from None
         rows.append({"method": method_name, "params": params_key(params), "ood": ood, **metrics, "id_acc": id_acc})
@@ -137,15 +150,20 @@ def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData |
     return metric_rows(method.name, params, out_id.scores, accuracy(out_id.predictions, id_split.labels), ood_scores)
 
 
-def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None) -> list[dict]:
+def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None
+                ) -> tuple[list[dict], dict]:
     """Metric rows of `configs` (method name, parameters), computed one split at a time.
 
     Each split's arrays and its memo of shared work are held only while every configuration of
     the batch is scored on it, so memory stays at about one split whatever the grid. A module-level
-    function of plain arguments, so joblib can run batches in other processes.
+    function of plain arguments, so joblib can run batches in other processes. Returns the rows
+    and timings: the batch's seconds in all, and those spent reading the cache.
     """
+    import time
+
+    started, read_clock = time.perf_counter(), [0.0]
     with open_cache(cache_path, storage_options=storage_options) as cache:
-        replay = load_replay(cache)
+        replay = load_replay(cache, read_clock=read_clock)
         methods = [(get_method(name), params) for name, params in configs]
         outputs = [method(replay.id_test, replay.head, replay.fit, **params) for method, params in methods]
         id_scores = [out.scores for out in outputs]
@@ -159,7 +177,7 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     rows = []
     for (method, params), ids, acc, oods in zip(methods, id_scores, id_acc, ood_scores):
         rows.extend(metric_rows(method.name, params, ids, acc, oods))
-    return rows
+    return rows, {"seconds": time.perf_counter() - started, "read_seconds": read_clock[0]}
 
 
 class ProgressStore:
@@ -182,15 +200,17 @@ class ProgressStore:
                 if entry.get("fingerprint") == fingerprint:
                     self.done[(entry["method"], entry["params"])] = entry["rows"]
 
-    def add(self, rows: list[dict]) -> None:
+    def add(self, rows: list[dict], timings: dict | None = None) -> None:
+        """Record finished configurations; their batch's `timings` are shared out equally."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         by_config: dict[tuple[str, str], list[dict]] = {}
         for row in rows:
             by_config.setdefault((row["method"], row["params"]), []).append(row)
+        each = {k: v / max(len(by_config), 1) for k, v in (timings or {}).items()}
         with open(self.path, "a") as fh:
             for (method, params), config_rows in by_config.items():
                 fh.write(json.dumps({"fingerprint": self.fingerprint, "method": method, "params": params,
-                                     "rows": config_rows}) + "\n")
+                                     **each, "rows": config_rows}) + "\n")
                 self.done[(method, params)] = config_rows
             fh.flush()
             os.fsync(fh.fileno())
@@ -283,8 +303,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     else:
         finished = Parallel(n_jobs=jobs, return_as="generator_unordered")(
             delayed(sweep_batch)(cache_path, batch, storage_options) for batch in batches)
-    for rows in finished:
-        store.add(rows)
+    for rows, timings in finished:
+        store.add(rows, timings)
         bar.update(len({(r["method"], r["params"]) for r in rows}))
     bar.close()
     rows = [row for m, p in configs for row in store.done[(m.name, params_key(p))]]

@@ -119,6 +119,10 @@ class H5Store(Store):
         ds = self._file[node]
         if ds.dtype.kind == "O" or ds.dtype.kind == "S":
             return np.asarray(ds.asstr()[rows], dtype=str)
+        if rows == slice(None) and ds.shape and ds.shape[0]:
+            out = np.empty(ds.shape, dtype=ds.dtype)
+            ds.read_direct(out)  # several times faster than ds[...] for large arrays
+            return out
         return ds[rows]
 
     def shape(self, node):

@@ -416,3 +416,14 @@ def test_nap_combinations_of_peer_methods(setup, name, params):
                 * Decimal(float(n)) ** (1 - Decimal(w)) for s, n in zip(base.scores, s_nap)]
     expected = [float(v.ln()) if v > 0 else -math.inf for v in products]  # GradNorm is 0 for x = 0
     assert_close(run(name, setup, **params).scores, expected)
+
+
+def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):
+    from featcache.methods.base import ROW_BLOCK, energy
+
+    f = rng.normal(0, 3, size=(ROW_BLOCK + 300, 40)).astype(np.float32)
+    f[5] -= 2000  # far below the rest of its block: a shared shift would underflow its sum
+    f[7] += 800  # far above: exp without a shift would overflow
+    for T in (1.0, 0.5, 4.0):
+        expected = [bf_energy([float(a) for a in row], T) for row in f]
+        assert_close(energy(f, T), expected, rtol=1e-12, atol=1e-9)

@@ -63,17 +63,26 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
 
 
-def _lse_and_argmax_inplace(z: np.ndarray, T: float, scores: np.ndarray, predictions: np.ndarray) -> None:
-    """Energy T * logsumexp(z / T) and argmax of each row of float64 `z`, overwriting z."""
-    for start in range(0, len(z), LSE_BLOCK):
-        block = z[start : start + LSE_BLOCK]
-        predictions[start : start + LSE_BLOCK] = block.argmax(axis=1)
-        if T != 1:
-            block *= 1.0 / T
-        top = block.max(axis=1, keepdims=True)
-        block -= top
-        np.exp(block, out=block)
-        scores[start : start + LSE_BLOCK] = T * (top[:, 0] + np.log(block.sum(axis=1)))
+def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
+    """T * logsumexp(z / T) per row of float64 `z`, which is overwritten.
+
+    Shifted by the block's largest value, a scalar (cheaper than a per-row maximum): every term is
+    then at most 1, so nothing overflows. Rows whose own maximum lies so far below that their sum
+    underflows are redone from `reload(rows)`, the original values, each with its own shift.
+    """
+    top = z.max()
+    z -= top
+    if T != 1:
+        z *= 1.0 / T  # a multiply is several times cheaper than a divide
+    sums = np.exp(z, out=z).sum(axis=1)
+    low = np.flatnonzero(sums < 1e-250)
+    sums[low] = 1.0
+    out = top + T * np.log(sums)
+    if low.size:
+        again = reload(low) / T
+        row_top = again.max(axis=1, keepdims=True)
+        out[low] = T * (row_top[:, 0] + np.log(np.exp(again - row_top).sum(axis=1)))
+    return out
 
 
 def energy_blocks(block: Callable, n: int, T: float = 1.0):
@@ -81,26 +90,26 @@ def energy_blocks(block: Callable, n: int, T: float = 1.0):
     scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
 
     def run(start, stop):
-        _lse_and_argmax_inplace(block(start, stop), T, scores[start:stop], predictions[start:stop])
+        z = block(start, stop)
+        for a in range(0, len(z), LSE_BLOCK):
+            sub = z[a : a + LSE_BLOCK]
+            rows = slice(start + a, start + a + len(sub))
+            predictions[rows] = sub.argmax(axis=1)
+            scores[rows] = _energy_inplace(sub, T, lambda low, a=a: block(start, stop)[a + low])
 
     map_row_blocks(run, n)
     return scores, predictions
 
 
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """T * logsumexp(f / T) per row, in float64 (T * lse(f / T) = max f + T * lse((f - max f) / T))."""
+    """T * logsumexp(f / T) per row, in float64."""
     out = np.empty(len(logits))
 
     def run(start, stop):
         for a in range(start, stop, LSE_BLOCK):
-            block = logits[a : min(a + LSE_BLOCK, stop)]
-            top = block.max(axis=1, keepdims=True).astype(np.float64)
-            z = block.astype(np.float64)
-            z -= top  # same-dtype in-place arithmetic: the fast (vectorised) loops
-            if T != 1:
-                z *= 1.0 / T  # a multiply is several times cheaper than a divide
-            np.exp(z, out=z)
-            out[a : a + len(block)] = top[:, 0] + T * np.log(z.sum(axis=1))
+            b = min(a + LSE_BLOCK, stop)
+            out[a:b] = _energy_inplace(logits[a:b].astype(np.float64), T,
+                                       lambda low, a=a: logits[a + low].astype(np.float64))
 
     map_row_blocks(run, len(logits))
     return out

@@ -22,10 +22,17 @@ def _plain(value):
     return value
 
 
-def row_chunks(shape, itemsize: int, target_bytes: int = 1 << 20):
-    """Chunks of whole rows, about 1 MiB each: rows are what a writer appends and a reader slices."""
+def row_chunks(shape, itemsize: int, target_bytes: int = 1 << 20, multiple_of: int | None = None):
+    """Chunks of whole rows, about 1 MiB each: rows are what a writer appends and a reader slices.
+
+    With `multiple_of`, the chunk height is a multiple of it (or a divisor of it), so that writes of
+    that many rows never share a chunk with rows written before: a write killed half way can only
+    damage rows not yet counted as written.
+    """
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
     rows = max(1, min(max(int(shape[0]), 1), target_bytes // max(row_bytes, 1)))
+    if multiple_of:
+        rows = max(1, rows // multiple_of) * multiple_of
     return (rows,) + tuple(int(s) for s in shape[1:])
 
 
@@ -41,7 +48,7 @@ class Store:
     def groups(self, node: str) -> list[str]: ...
     def create_group(self, node: str) -> None: ...
     def delete(self, node: str) -> None: ...
-    def create_array(self, node: str, shape, dtype) -> None: ...
+    def create_array(self, node: str, shape, dtype, write_rows: int | None = None) -> None: ...
     def write(self, node: str, start: int, values) -> None: ...
     def read(self, node: str, rows: slice = slice(None)) -> np.ndarray: ...
     def shape(self, node: str) -> tuple: ...
@@ -98,15 +105,15 @@ class H5Store(Store):
         if node in self._file:
             del self._file[node]
 
-    def create_array(self, node, shape, dtype):
+    def create_array(self, node, shape, dtype, write_rows=None):
         import h5py
 
         if dtype == "str":
             dtype_ = h5py.string_dtype("utf-8")
-            chunks = row_chunks(shape, 64)
+            chunks = row_chunks(shape, 64, multiple_of=write_rows)
         else:
             dtype_ = np.dtype(dtype)
-            chunks = row_chunks(shape, dtype_.itemsize)
+            chunks = row_chunks(shape, dtype_.itemsize, multiple_of=write_rows)
         self._file.create_dataset(node, shape=tuple(shape), dtype=dtype_, chunks=chunks if shape[0] else None)
 
     def write(self, node, start, values):
@@ -199,11 +206,11 @@ class ZarrStore(Store):
         if self.has(node):
             del self._node(parent)[name]
 
-    def create_array(self, node, shape, dtype):
+    def create_array(self, node, shape, dtype, write_rows=None):
         itemsize = 64 if dtype == "str" else np.dtype(dtype).itemsize
         self._root.create_array(
             node.strip("/"), shape=tuple(shape), dtype=str if dtype == "str" else dtype,
-            chunks=row_chunks(shape, itemsize), fill_value="" if dtype == "str" else 0,
+            chunks=row_chunks(shape, itemsize, multiple_of=write_rows), fill_value="" if dtype == "str" else 0,
         )
 
     def write(self, node, start, values):

@@ -57,6 +57,7 @@ class SplitWriter:
         attrs = store.attrs(self.group)
         self.n = int(attrs["n"])
         self.rows_written = int(attrs.get("rows_written", 0))
+        self.write_rows = attrs.get("write_rows")  # rows per append the chunks were laid out for
         self.complete = bool(attrs.get("complete", False))
         # HDF5 stores chan_mean as a hard link to features when they are equal; Zarr stores it again.
         self.chan_mean_linked = bool(attrs.get("chan_mean_is_features", False)) and store.fmt == "h5"
@@ -131,8 +132,12 @@ class CacheWriter:
         return False
 
     def split(self, name: str, *, role: str, source: str, n: int, dims: dict, chan_mean_is_features: bool,
-              extra_attrs: dict | None = None) -> SplitWriter:
-        """A writer for split `name`: an existing one of the same declaration is resumed."""
+              extra_attrs: dict | None = None, write_rows: int | None = None) -> SplitWriter:
+        """A writer for split `name`: an existing one of the same declaration is resumed.
+
+        `write_rows` is how many rows each append brings (the last may bring fewer): chunks are
+        made a whole multiple of it, so an append killed half way cannot touch earlier rows.
+        """
         if role not in ROLES:
             raise FeatcacheError(f"split {name!r}: unknown role {role!r}; one of {', '.join(ROLES)}")
         group = f"/splits/{name}"
@@ -145,13 +150,15 @@ class CacheWriter:
             self.store.delete(group)
         self.store.create_group(group)
         self.store.set_attrs(group, complete=False, rows_written=0, **declared)
+        if write_rows:
+            self.store.set_attrs(group, write_rows=int(write_rows))
         link = chan_mean_is_features and self.store.fmt == "h5"
         for key, (dtype, dim) in SPLIT_ARRAYS.items():
             if key == "chan_mean" and link:
                 self.store.link(f"{group}/features", f"{group}/chan_mean")
                 continue
             shape = (n,) if dim is None else (n, dims[dim])
-            self.store.create_array(f"{group}/{key}", shape, dtype)
+            self.store.create_array(f"{group}/{key}", shape, dtype, write_rows=write_rows)
         self.store.flush()
         return SplitWriter(self.store, name)
 

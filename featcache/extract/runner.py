@@ -171,13 +171,14 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             extra = {}
             if entry["role"] == "pseudo_ood":
                 extra = {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
-            split = _open_split(writer, name, entry, data, extractor, layers, extra)
+            split = _open_split(writer, name, entry, data, extractor, layers, extra, batch_size)
             if split.complete:
                 continue
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
                        disable=not progress, leave=False)
-            for start in range(split.rows_written, len(data), batch_size):
-                stop = min(start + batch_size, len(data))
+            step = int(split.write_rows or batch_size)  # a resumed split keeps its chunk layout
+            for start in range(split.rows_written, len(data), step):
+                stop = min(start + step, len(data))
                 batch = extractor(torch.from_numpy(data.images[start:stop]))
                 check_logits(batch["features"], batch["logits"], extractor.weight, extractor.bias,
                              f"split {name!r} rows {start}-{stop}")
@@ -194,11 +195,11 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
         writer.close()
 
 
-def _open_split(writer, name, entry, data, extractor, layers, extra):
+def _open_split(writer, name, entry, data, extractor, layers, extra, batch_size):
     # The channel count is known only from a forward pass: run one sample to size the arrays.
     probe = extractor(torch.from_numpy(data.images[:1]))
     dims = {"D": probe["features"].shape[1], "C": probe["chan_max"].shape[1], "K": probe["logits"].shape[1]}
     if dims["D"] != extractor.weight.shape[1]:
         raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")
     return writer.split(name, role=entry["role"], source=name, n=len(data), dims=dims,
-                        chan_mean_is_features=layers.mean_pooled, extra_attrs=extra)
+                        chan_mean_is_features=layers.mean_pooled, extra_attrs=extra, write_rows=batch_size)

@@ -23,8 +23,10 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at the output path.")
 @click.option("--if-missing", is_flag=True, help="Do nothing if the cache already exists (as `make extract` does).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--shard", default=None, metavar="I/N",
+              help="Extract only shard I of N of every split (0-based), for `featcache merge`.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, quiet):
+def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, quiet):
     """Run the backbone once per split of PIPELINE and write its feature cache.
 
     An interrupted extraction leaves <cache>.partial; running the same command again resumes it.
@@ -35,14 +37,49 @@ def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, quiet):
     from featcache.extract.runner import extract as run_extract
 
     spec = load_pipeline(pipeline)
+    shard_spec = parse_shard(shard) if shard else None
     target = Path(out) if out else spec.cache
     target = target.with_suffix("." + fmt) if fmt else target
+    if shard_spec and not out:
+        target = target.with_name(f"{target.stem}.shard{shard_spec[0]}of{shard_spec[1]}{target.suffix}")
     if if_missing and target.exists() and not overwrite:
         click.echo(f"{target} exists; not extracting again (use --overwrite to redo it)")
         return
     path = run_extract(spec, out=target, overwrite=overwrite,
-                       batch_size=batch_size, progress=not quiet)
+                       batch_size=batch_size, progress=not quiet, shard=shard_spec)
     click.echo(f"wrote {path}")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise FeatcacheError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise FeatcacheError(f"--shard {text!r}: I must be in 0..N-1")
+    return index, count
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.argument("target", type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing TARGET.")
+def convert(source, target, overwrite):
+    """Copy cache SOURCE to TARGET, HDF5 (.h5) <-> Zarr (.zarr), without loss."""
+    from featcache.cache.convert import convert as run_convert
+
+    click.echo(f"wrote {run_convert(source, target, overwrite=overwrite)}")
+
+
+@cli.command()
+@click.argument("target", type=click.Path())
+@click.argument("shards", nargs=-1, required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing TARGET.")
+def merge(target, shards, overwrite):
+    """Join SHARDS (caches from `featcache extract --shard i/n`) into one cache TARGET."""
+    from featcache.cache.convert import merge as run_merge
+
+    click.echo(f"wrote {run_merge(shards, target, overwrite=overwrite)}")
 
 
 @cli.command()
@@ -139,6 +176,27 @@ def report(pipeline):
     paths = write_tables(spec.results_dir)
     click.echo(paths["md"].read_text())
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@cli.command()
+@click.argument("cache", type=click.Path())
+@click.option("--sample-rows", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Rows per split on which logits are checked against features and head.")
+def verify(cache, sample_rows):
+    """Check CACHE against the contract: schema, datasets, shapes, completeness, checksums, logits.
+
+    Exits 0 when every check passes, 1 otherwise.
+    """
+    from featcache.cache.verify import verify as run_verify
+
+    checks = run_verify(cache, sample_rows=sample_rows)
+    failed = [c for c in checks if not c.ok]
+    for c in failed:
+        click.echo(f"FAIL {c.what}")
+    click.echo(f"{cache}: {len(checks) - len(failed)} of {len(checks)} checks passed" +
+               ("" if failed else "; the cache is intact"))
+    if failed:
+        sys.exit(1)
 
 
 def main(argv=None):

@@ -47,8 +47,10 @@ class Pipeline:
     raw: dict = field(repr=False)
 
     @property
-    def cache(self) -> Path:
-        return Path(self.raw.get("cache") or f"cache/{self.name}.h5")
+    def cache(self):
+        """The cache path; an fsspec URL (file://, s3://, zip::...) is kept as the string it is."""
+        value = str(self.raw.get("cache") or f"cache/{self.name}.h5")
+        return value if ("://" in value or "::" in value) else Path(value)
 
     @property
     def manifest_path(self) -> Path:

@@ -55,7 +55,7 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
             bad = ~np.isfinite(values)
             if bad.any():
                 rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
-                first = split.read("ids", slice(int(rows[0]), int(rows[0]) + 1))[0]
+                first = str(split.read("ids", slice(int(rows[0]), int(rows[0]) + 1))[0])
                 raise FeatcacheError(f"{cache.path}: split {split.name!r} dataset {key!r} has {int(bad.sum())} "
                                      f"NaN or Inf values in {len(rows)} samples, first in sample {first!r}")
         return values

@@ -144,7 +144,7 @@ def test_interrupted_extraction_resumes(random_digits, tmp_path, monkeypatch):
 
 def test_check_logits_refuses_a_non_linear_head():
     from featcache.errors import FeatcacheError
-    from featcache.extract.runner import check_logits
+    from featcache.cache.verify import check_logits
 
     rng = np.random.default_rng(0)
     x = rng.random((8, 5), dtype=np.float32)

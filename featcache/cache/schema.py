@@ -29,7 +29,7 @@ ROOT_ATTRS = (
 
 SPLIT_ATTRS = ("role", "source", "n", "complete")
 
-SUFFIXES = {".h5": "h5", ".zarr": "zarr"}
+SUFFIXES = {".h5": "h5", ".zarr": "zarr", ".zip": "zarr"}  # .zip: a zipped Zarr store, read-only
 
 
 def format_of(path) -> str:
@@ -39,9 +39,10 @@ def format_of(path) -> str:
     from featcache.errors import FeatcacheError
 
     text = str(path).rstrip("/")
-    if "://" in text or text.startswith(("zip::", "file:")):
-        return "zarr"
+    if "://" in text or "::" in text:
+        return "zarr"  # an fsspec URL (file://, s3://, zip::...): Zarr is the format for object stores
     suffix = Path(text).suffix.lower()
     if suffix not in SUFFIXES:
-        raise FeatcacheError(f"{path}: a cache path must end in .h5 (HDF5) or .zarr (Zarr), not {suffix or 'nothing'!r}")
+        raise FeatcacheError(f"{path}: a cache path must end in .h5 (HDF5) or .zarr (Zarr), or be a zipped "
+                             f"Zarr store (.zip) or an fsspec URL, not {suffix or 'nothing'!r}")
     return SUFFIXES[suffix]

@@ -6,6 +6,8 @@ values, arrays of whole rows, and utf-8 string arrays.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from featcache.errors import FeatcacheError
@@ -32,7 +34,8 @@ def row_chunks(shape, itemsize: int, target_bytes: int = 1 << 20, multiple_of: i
     row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
     rows = max(1, min(max(int(shape[0]), 1), target_bytes // max(row_bytes, 1)))
     if multiple_of:
-        rows = max(1, rows // multiple_of) * multiple_of
+        # fewer rows than one append: a single chunk, written by a single append
+        rows = max(1, rows // multiple_of) * multiple_of if multiple_of <= shape[0] else max(int(shape[0]), 1)
     return (rows,) + tuple(int(s) for s in shape[1:])
 
 
@@ -72,7 +75,8 @@ class H5Store(Store):
 
         self.path = str(path)
         try:
-            self._file = h5py.File(self.path, {"r": "r", "r+": "r+", "w": "w"}[mode], locking=mode != "r" or None)
+            # Readers lock "best effort": a cache shared on a read-only or lock-less file system still opens.
+            self._file = h5py.File(self.path, mode, locking="best-effort" if mode == "r" else True)
         except FileNotFoundError:
             raise FeatcacheError(f"{self.path}: no such cache file") from None
         except PermissionError:
@@ -160,14 +164,26 @@ class ZarrStore(Store):
         try:
             if mode == "w":
                 self._root = zarr.open_group(self.path, mode="w", zarr_format=3)
+            elif self.path.endswith(".zip") and "://" not in self.path:
+                if mode != "r":
+                    raise FeatcacheError(f"{self.path}: a zipped Zarr store can only be read")
+                if not os.path.exists(self.path):
+                    raise FileNotFoundError(self.path)
+                self._zip = zarr.storage.ZipStore(self.path, mode="r")
+                self._root = zarr.open_group(store=self._zip, mode="r", zarr_format=3)
             else:
+                # a local path or an fsspec URL (file://, s3://, gs://...; storage_options go to fsspec)
                 self._root = zarr.open_group(
                     self.path, mode=mode, zarr_format=3, storage_options=storage_options
                 )
         except FileNotFoundError:
+            if os.path.isdir(self.path):
+                raise FeatcacheError(f"{self.path}: a directory but not a Zarr store (no zarr.json)") from None
             raise FeatcacheError(f"{self.path}: no such Zarr store") from None
         except PermissionError:
             raise FeatcacheError(f"{self.path}: permission denied") from None
+        except FeatcacheError:
+            raise
         except Exception as exc:  # zarr raises many types for "not a zarr group"
             raise FeatcacheError(f"{self.path}: not a readable Zarr v3 store ({_first_line(exc)})") from None
 
@@ -232,7 +248,9 @@ class ZarrStore(Store):
         pass
 
     def close(self):
-        pass
+        zipped = getattr(self, "_zip", None)
+        if zipped is not None:
+            zipped.close()
 
 
 def _first_line(exc) -> str:

@@ -119,10 +119,8 @@ class CacheWriter:
                 pass  # an unreadable leftover (killed while creating it): start again
             _remove(self.partial)
         self.store = open_store(self.partial, "w", fmt=self.fmt)
-        self.store.set_attrs(
-            "/", schema=SCHEMA, fingerprint="", created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **root_attrs,
-        )
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.store.set_attrs("/", **{"created_utc": created, **root_attrs, "schema": SCHEMA, "fingerprint": ""})
         self.store.create_group("/head")
         for name, values in (("weight", weight), ("bias", bias)):
             self.store.create_array(f"/head/{name}", values.shape, "float32")
@@ -145,9 +143,10 @@ class CacheWriter:
                         **(extra_attrs or {}))
         if self.store.has(group):
             attrs = self.store.attrs(group)
-            if all(attrs.get(k) == v for k, v in declared.items()):
+            whole = all(self.store.has(f"{group}/{key}") for key in SPLIT_ARRAYS)
+            if whole and all(attrs.get(k) == v for k, v in declared.items()):
                 return SplitWriter(self.store, name)
-            self.store.delete(group)
+            self.store.delete(group)  # declared otherwise, or killed while being laid out: start it again
         self.store.create_group(group)
         self.store.set_attrs(group, complete=False, rows_written=0, **declared)
         if write_rows:

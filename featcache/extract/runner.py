@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import featcache
+from featcache.cache.verify import check_logits
 from featcache.cache.writer import CacheWriter, fingerprint
 from featcache.config import Pipeline, load_manifest, manifest_entry
 from featcache.errors import FeatcacheError
@@ -23,25 +25,6 @@ from featcache.extract.backbones import (
 )
 from featcache.extract.datasets import load_dataset
 from featcache.extract.layers import Layers, find_layers
-
-# float32 logits from the model and from features @ W.T + b agree to a few ulps of the magnitude of
-# the terms summed; this bound scales with that magnitude instead of the (possibly cancelling) result.
-LOGIT_RTOL = 1e-4
-
-
-def check_logits(features: np.ndarray, logits: np.ndarray, weight: np.ndarray, bias: np.ndarray, where: str):
-    """Refuse a batch whose logits are not `features @ weight.T + bias` to float32 tolerance."""
-    f64 = features.astype(np.float64)
-    expected = f64 @ weight.T.astype(np.float64) + bias
-    scale = np.abs(f64) @ np.abs(weight.T.astype(np.float64)) + np.abs(bias) + 1e-6
-    bad = np.abs(logits - expected) > LOGIT_RTOL * scale
-    if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise FeatcacheError(
-            f"{where}: logits differ from features @ head.weight.T + head.bias (first at row {row}, "
-            f"{int(bad.sum())} entries); the head is not a plain linear layer on the pooled feature"
-        )
-
 
 def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) -> tuple[nn.Module, str]:
     """The pipeline's model in eval mode with its weights, and the sha256 identifying them.
@@ -131,8 +114,12 @@ def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
 
 
 def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: bool = False,
-            batch_size: int | None = None, progress: bool = True, timings: dict | None = None) -> Path:
+            batch_size: int | None = None, progress: bool = True, timings: dict | None = None,
+            shard: tuple[int, int] | None = None) -> Path:
     """Write (or resume) the pipeline's cache; returns its path.
+
+    With `shard` = (i, n), only rows [i N / n, (i + 1) N / n) of every split are extracted, into a
+    cache that `featcache merge` joins with the other shards.
 
     `timings`, if given, receives per split {"n", "load_s", "extract_s"}: seconds spent building the
     data set, and running the backbone and writing.
@@ -152,25 +139,33 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
     layers = find_layers(model, spec.get("feature_layer"), spec.get("prepool_layer"))
     extractor = FeatureExtractor(model, layers)
     batch_size = int(batch_size or pipeline.extract.get("batch_size", 256))
+    preprocessing = {e["name"]: {"source": e["source"], "transform": e["transform"]} for e in entries}
     root_attrs = dict(
         featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=spec["name"],
         checkpoint_sha256=checkpoint_sha, feature_layer=layers.feature, prepool_layer=layers.prepool,
+        preprocessing=json.dumps(preprocessing, sort_keys=True),
     )
+    if shard is not None:
+        root_attrs["shard"] = f"{shard[0]}/{shard[1]}"
     resumed = writer.open(root_attrs, extractor.weight, extractor.bias)
     if resumed and progress:
         print(f"resuming {writer.partial}")
-    preprocessing, split_ids = {}, {}
+    split_ids = {}
     try:
         for entry in entries:
             name = entry["name"]
             t0 = time.perf_counter()
             data = load_dataset(name, manifest, pipeline.manifest_path)
-            t1 = time.perf_counter()
-            preprocessing[name] = {"source": entry["source"], "transform": entry["transform"]}
-            split_ids[name] = data.ids
             extra = {}
+            if shard is not None:
+                total = len(data)
+                lo, hi = shard[0] * total // shard[1], (shard[0] + 1) * total // shard[1]
+                data = type(data)(data.images[lo:hi], data.labels[lo:hi], data.ids[lo:hi])
+                extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
+            t1 = time.perf_counter()
+            split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
-                extra = {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
+                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
             split = _open_split(writer, name, entry, data, extractor, layers, extra, batch_size)
             if split.complete:
                 continue

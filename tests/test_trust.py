@@ -1,0 +1,209 @@
+"""Caches teammates can trust: verify, convert, merge, remote Zarr, concurrent readers, bad input."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import featcache
+from featcache.cache.convert import convert, merge
+from featcache.cache.schema import SPLIT_ARRAYS
+from featcache.cache.verify import verify
+from featcache.cli import main
+from featcache.config import load_pipeline
+from featcache.extract.runner import extract
+from tests.conftest import REPO, write_pipeline
+
+
+def same_cache(a, b):
+    a, b = featcache.open_cache(a), featcache.open_cache(b)
+    assert a.fingerprint == b.fingerprint and a.split_names == b.split_names
+    np.testing.assert_array_equal(a.head_weight, b.head_weight)
+    for name in a.split_names:
+        sa, sb = a.split(name), b.split(name)
+        for key in ("role", "source", "n", "complete", "corruption", "severity", "checksums"):
+            assert sa.attrs.get(key) == sb.attrs.get(key), (name, key)
+        for key in SPLIT_ARRAYS:
+            x, y = sa[key], sb[key]
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (name, key)
+
+
+def copy(src, tmp_path, name="c.h5"):
+    dst = tmp_path / name
+    shutil.copy2(src, dst)
+    return dst
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+def test_verify_passes_an_intact_cache(random_digits, capsys):
+    checks = verify(random_digits["h5"])
+    assert all(c.ok for c in checks) and len(checks) > 100
+    main(["verify", str(random_digits["zarr"])])
+    assert "the cache is intact" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (lambda f: f["splits/letters/features"].__setitem__((3, 2), 123.0), "letters/features: checksum DIFFERS"),
+    (lambda f: f["splits/photos"].attrs.__setitem__("complete", False), "photos: INCOMPLETE"),
+    (lambda f: f["splits/noise"].__delitem__("chan_max"), "noise: datasets missing chan_max"),
+    (lambda f: f["splits/digits_test/logits"].__setitem__((0, 0), 99.0), "digits_test: logits = features @ W.T + b"),
+])
+def test_verify_finds_damage(random_digits, tmp_path, capsys, damage, expect):
+    path = copy(random_digits["h5"], tmp_path)
+    with h5py.File(path, "r+") as fh:
+        damage(fh)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(path)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 1 and expect in out, out
+
+
+# --- convert, merge, remote Zarr, concurrent readers ------------------------------------------------
+
+def test_convert_both_ways_without_loss(random_digits, tmp_path, capsys):
+    main(["convert", str(random_digits["h5"]), str(tmp_path / "a.zarr")])
+    main(["convert", str(tmp_path / "a.zarr"), str(tmp_path / "b.h5")])
+    same_cache(random_digits["h5"], tmp_path / "a.zarr")
+    same_cache(random_digits["h5"], tmp_path / "b.h5")
+    assert all(c.ok for c in verify(tmp_path / "b.h5"))
+    with pytest.raises(SystemExit):
+        main(["convert", str(random_digits["h5"]), str(tmp_path / "b.h5")])  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_sharded_extraction_merged_equals_one_run(random_digits, tmp_path):
+    pipeline = load_pipeline(random_digits["pipeline"])
+    shards = [extract(pipeline, out=tmp_path / f"s{i}.h5", progress=False, shard=(i, 3)) for i in range(3)]
+    assert featcache.open_cache(shards[1]).split("letters").n in (166, 167)
+    merged = merge([shards[2], shards[0], shards[1]], tmp_path / "merged.zarr")
+    same_cache(random_digits["h5"], merged)
+    with pytest.raises(featcache.errors.FeatcacheError, match="not one complete set"):
+        merge(shards[:2], tmp_path / "incomplete.h5")
+
+
+def sweep_csv(tmp_path, cache, name):
+    pipeline = tmp_path / f"{name}.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": name, "cache": str(cache), "results": str(tmp_path / "res"),
+                                        "sweep": {"energy": {}, "ash_s": {"p": [90]}, "nap+msp": {"w": [0.5]}}}))
+    main(["sweep", str(pipeline), "--quiet"])
+    return (tmp_path / "res" / name / "sweep.csv").read_text()
+
+
+def test_zarr_read_from_a_zip_file_and_a_file_url(random_digits, tmp_path):
+    zipped = tmp_path / "digits.zarr.zip"
+    root = random_digits["zarr"]
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(root).as_posix())
+    reference = sweep_csv(tmp_path, random_digits["h5"], "h5")
+    assert sweep_csv(tmp_path, zipped, "zip") == reference
+    assert sweep_csv(tmp_path, root.resolve().as_uri(), "url") == reference
+    assert all(c.ok for c in verify(zipped))
+
+
+def test_concurrent_sweeps_on_one_read_only_cache(random_digits, tmp_path):
+    cache = copy(random_digits["h5"], tmp_path)
+    cache.chmod(0o444)
+    procs = []
+    for i in range(3):
+        pipeline = tmp_path / f"p{i}.yaml"
+        pipeline.write_text(yaml.safe_dump({"name": f"p{i}", "cache": str(cache), "results": str(tmp_path / "res"),
+                                            "sweep": {"energy": {}, "ash_b": {"p": [60, 80]}, "react": {}}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "featcache.cli", "sweep", str(pipeline), "--quiet"],
+                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    texts = {(tmp_path / "res" / f"p{i}" / "sweep.csv").read_text() for i in range(3)}
+    assert len(texts) == 1
+
+
+# --- bad input: one line naming the culprit, exit status 1, nothing lost ----------------------------
+
+def h5_with(random_digits, tmp_path, change):
+    path = copy(random_digits["h5"], tmp_path)
+    with h5py.File(path, "r+") as fh:
+        change(fh)
+    return path
+
+
+def _nan(fh):
+    x = fh["splits/photos/features"][...]
+    x[[4, 9], 1] = [np.nan, np.inf]
+    fh["splits/photos/features"][...] = x
+
+
+def _empty_ood(fh):
+    group = fh["splits/noise"]
+    for key in SPLIT_ARRAYS:
+        dtype = group[key].dtype
+        shape = (0,) + group[key].shape[1:]
+        del group[key]
+        group.create_dataset(key, shape=shape, dtype=dtype)
+    group.attrs["n"] = 0
+
+
+def _wide_head(fh):
+    weight = fh["head/weight"][...]
+    del fh["head/weight"]
+    fh["head/weight"] = np.concatenate([weight, weight], axis=1)
+
+
+BAD_CACHES = {
+    "missing": (lambda d, t: t / "nope.h5", "no such cache file"),
+    "not hdf5": (lambda d, t: (t / "junk.h5").write_bytes(b"plain text") and t / "junk.h5", "not a readable HDF5 file"),
+    "empty dir": (lambda d, t: (t / "e.zarr").mkdir() or t / "e.zarr", "not a Zarr store"),
+    "truncated": (lambda d, t: (t / "cut.h5").write_bytes(d["h5"].read_bytes()[:50_000]) and t / "cut.h5", "truncated"),
+    "newer schema": (lambda d, t: h5_with(d, t, lambda f: f.attrs.__setitem__("schema", "featcache-cache/2")),
+                     "'featcache-cache/2' is not supported; this featcache reads 'featcache-cache/1'"),
+    "older schema": (lambda d, t: h5_with(d, t, lambda f: f.attrs.__setitem__("schema", "featcache-cache/0")),
+                     "'featcache-cache/0' is not supported"),
+    "missing dataset": (lambda d, t: h5_with(d, t, lambda f: f["splits/letters"].__delitem__("logits")),
+                        "split 'letters' has no dataset 'logits'"),
+    "incomplete split": (lambda d, t: h5_with(d, t, lambda f: f["splits/letters"].attrs.__setitem__("complete", False)),
+                         "split 'letters' is incomplete"),
+    "width": (lambda d, t: h5_with(d, t, _wide_head), "features have width 64, the head takes 128"),
+    "nan": (lambda d, t: h5_with(d, t, _nan), "2 NaN or Inf values in 2 samples, first in sample 'photos/"),
+    "empty ood": (lambda d, t: h5_with(d, t, _empty_ood), "split 'noise' is empty"),
+    "no id_test": (lambda d, t: h5_with(d, t, lambda f: f["splits"].__delitem__("digits_test")),
+                   "no split with role 'id_test'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHES))
+def test_bad_cache_is_refused_in_one_line(random_digits, tmp_path, capsys, case):
+    make, message = BAD_CACHES[case]
+    cache = make(random_digits, tmp_path)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"name": "p", "cache": str(cache), "results": str(tmp_path / "res"),
+                                        "sweep": {"energy": {}, "nap": {}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(pipeline), "--quiet"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exit_info.value.code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0] and str(cache.name) in lines[0], lines[0]
+    assert not (tmp_path / "res" / "p" / "sweep.csv").exists()
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
+    from featcache.extract.backbones import DigitsResNet
+
+    state = DigitsResNet().state_dict()
+    state.pop("fc.bias")
+    state["head.extra"] = torch.zeros(3)
+    torch.save(state, tmp_path / "wrong.pt")
+    pipeline = write_pipeline(tmp_path, checkpoint=tmp_path / "wrong.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", str(pipeline), "--quiet"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert "missing keys fc.bias" in err and "unexpected keys head.extra" in err and "wrong.pt" in err

@@ -150,16 +150,18 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
     from featcache.cache.reader import open_cache
     from featcache.config import load_pipeline
     from featcache.select import SELECTION_COLUMNS, format_selection, run_select
-    from featcache.sweep import load_replay, write_csv
+    from featcache.sweep import load_replay, write_csv, write_meta
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})
     out = out or spec.results_dir / "selection.csv"
-    with open_cache(cache_path or spec.cache) as cache:
+    cache_path = cache_path or spec.cache
+    with open_cache(cache_path) as cache:
         replay = load_replay(cache, with_selection=True)
         rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
                           paper_defaults=options.get("paper_defaults"), progress=not quiet)
     write_csv(rows, out, SELECTION_COLUMNS)
+    write_meta(out, fingerprint=replay.fingerprint, cache=str(cache_path), criterion=criterion or options.get("criterion", "auroc"))
     click.echo(f"selection -> {out}")
     click.echo("mean over ood splits, percent; the oracle column looked at the test OOD data:")
     click.echo(format_selection(rows))
@@ -167,15 +169,19 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-def report(pipeline):
-    """Write paper-format tables (Markdown, CSV, LaTeX) of PIPELINE's results."""
+@click.option("--cache", "cache_path", type=click.Path(), default=None, help="Cache to read (default: the pipeline's `cache:`).")
+@click.option("--no-figures", is_flag=True, help="Tables only.")
+def report(pipeline, cache_path, no_figures):
+    """Write PIPELINE's report: tables (Markdown, CSV, LaTeX), figures (PNG) and report.html."""
     from featcache.config import load_pipeline
-    from featcache.report import write_tables
+    from featcache.report import write_figures, write_html, write_tables
 
     spec = load_pipeline(pipeline)
     paths = write_tables(spec.results_dir)
     click.echo(paths["md"].read_text())
-    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+    figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
+    page = write_html(spec.results_dir, spec.name, figures)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f", {len(figures)} figures, {page}")
 
 
 @cli.command()
@@ -197,6 +203,29 @@ def verify(cache, sample_rows):
                ("" if failed else "; the cache is intact"))
     if failed:
         sys.exit(1)
+
+
+@cli.command(name="compare")
+@click.argument("results_a", type=click.Path(exists=False))
+@click.argument("results_b", type=click.Path(exists=False))
+@click.option("--partial", is_flag=True, help="Compare only the configurations both sweeps have.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the comparison as CSV.")
+def compare_command(results_a, results_b, partial, out):
+    """Show the same grid from two sweeps (two backbones, or a teammate's cache) side by side.
+
+    RESULTS_A and RESULTS_B are sweep.csv files or the results directories holding them.
+    """
+    import csv
+
+    from featcache.report import compare, format_compare
+
+    rows = compare(results_a, results_b, partial=partial)
+    click.echo(format_compare(rows, str(results_a), str(results_b)))
+    if out:
+        with open(out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["method"])
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def main(argv=None):

@@ -1,15 +1,19 @@
-"""Paper-format tables of a pipeline's results: methods as rows, FPR95 and AUROC per ood split and
-their average, best values marked; written as Markdown, CSV and LaTeX.
+"""What a person looks at after a sweep: paper-format tables (Markdown, CSV, LaTeX), figures (PNG)
+and one self-contained HTML page with all of them.
 
-The configuration shown per method is the one `featcache select` chose on pseudo-OOD data when a
+Tables: methods as rows, FPR95 and AUROC per ood split and their average, best values marked. The
+configuration shown per method is the one `featcache select` chose on pseudo-OOD data when a
 selection.csv exists, otherwise the best of the sweep on the test OOD data, which the table then
-labels as an oracle.
+labels as an oracle. Figures: each method's metrics against its swept parameter, and for the
+configuration shown, score histograms of id_test against each ood split with the ROC curves.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import io
+import json
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
@@ -97,6 +101,96 @@ def to_latex(table, oods, label) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure_name(kind: str, method: str) -> str:
+    return f"{kind}_{method.replace('+', '_plus_')}.png"
+
+
+def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
+    """Sensitivity figures from sweep.csv, and score figures recomputed from the cache."""
+    from featcache.cache.reader import open_cache
+    from featcache.methods import get_method
+    from featcache.plots import scores_figure, sensitivity_figure
+    from featcache.sweep import load_replay
+
+    figures_dir = results_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    sweep = results_dir / "sweep.csv"
+    if sweep.exists():
+        rows = read_csv(sweep)
+        for method in dict.fromkeys(r["method"] for r in rows):
+            path = sensitivity_figure(method, [r for r in rows if r["method"] == method],
+                                      figures_dir / figure_name("sensitivity", method))
+            if path:
+                figures.append((f"{method}: metrics against its hyperparameter", path))
+    table, _, label = table_rows(results_dir)
+    with open_cache(cache_path) as cache:
+        replay = load_replay(cache)
+        for entry in table:
+            method, params = get_method(entry["method"]), json.loads(entry["params"])
+            id_scores = method(replay.id_test, replay.head, replay.fit, **params).scores
+            oods = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
+            path = scores_figure(method.name, params, id_scores, oods, figures_dir / figure_name("scores", method.name))
+            figures.append((f"{method.name}: scores and ROC ({'selected on pseudo-OOD' if 'selected' in label else 'oracle'})", path))
+    return figures
+
+
+def _html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td class='best'>{html.escape(v)}</td>" if best else f"<td>{html.escape(v)}</td>"
+                                    for v, best in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def selection_cells(results_dir: Path):
+    """Header and rows of the selection table (selected, paper default, oracle), percent, or None."""
+    path = results_dir / "selection.csv"
+    if not path.exists():
+        return None
+    rows = [r for r in read_csv(path) if r["ood"] == MEAN]
+    header = ["method"] + [f"{c} {m}" for c in ("selected", "paper default", "ORACLE") for m in ("params", "FPR95", "AUROC")]
+    body = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        row = [(method, False)]
+        for choice in ("selected", "paper_default", "oracle"):
+            r = next(x for x in rows if x["method"] == method and x["choice"] == choice)
+            row += [(r["params"], False), (f"{100 * r['fpr95']:.2f}", False), (f"{100 * r['auroc']:.2f}", False)]
+        body.append(row)
+    return header, body
+
+
+def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) -> Path:
+    """results/<pipeline>/report.html: tables and figures in one file, images embedded."""
+    import base64
+
+    table, oods, label = table_rows(results_dir)
+    header, body = cells(table, oods)
+    parts = [f"<h1>featcache report: {html.escape(name)}</h1>",
+             f"<p class='note'>{html.escape(label)}. Percent; best value per column in bold. "
+             "FPR95: OOD accepted at 95% ID recall (lower is better); AUROC: higher is better.</p>",
+             "<h2>Results per ood split</h2>", _html_table(header, body)]
+    selection = selection_cells(results_dir)
+    if selection:
+        parts += ["<h2>Hyperparameter selection</h2>",
+                  "<p class='note'>Selected: chosen on id_val against the pseudo_ood splits only. Paper default: "
+                  "the source paper's setting. ORACLE: the best on the test OOD data, which no deployment can "
+                  "use. Mean over ood splits.</p>", _html_table(*selection)]
+    parts.append("<h2>Figures</h2>")
+    for caption, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px;"
+             "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}.best{font-weight:bold;background:#e8f4e8}"
+             ".note{color:#555;font-size:13px}figure{margin:1em 0}img{max-width:100%}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report: {html.escape(name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path = results_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 def write_tables(results_dir: Path) -> dict[str, Path]:
     table, oods, label = table_rows(results_dir)
     out = {}
@@ -106,3 +200,44 @@ def write_tables(results_dir: Path) -> dict[str, Path]:
         path.write_text(text)
         out[suffix] = path
     return out
+
+
+def _results_csv(path) -> Path:
+    path = Path(path)
+    return path / "sweep.csv" if path.is_dir() else path
+
+
+def compare(results_a, results_b, *, partial: bool = False) -> list[dict]:
+    """The same grid from two sweeps side by side: mean metrics per configuration and differences.
+
+    Refuses, naming an example, when the two grids are not the same set of configurations and
+    ood splits, unless `partial` asks for the configurations they share.
+    """
+    a_path, b_path = _results_csv(results_a), _results_csv(results_b)
+    a, b = read_csv(a_path), read_csv(b_path)
+    key = lambda r: (r["method"], r["params"], r["ood"])  # noqa: E731
+    a_rows, b_rows = {key(r): r for r in a}, {key(r): r for r in b}
+    only_a, only_b = sorted(set(a_rows) - set(b_rows)), sorted(set(b_rows) - set(a_rows))
+    if (only_a or only_b) and not partial:
+        example = (only_a or only_b)[0]
+        where = a_path if only_a else b_path
+        raise FeatcacheError(f"the grids differ: {len(only_a)} rows only in {a_path}, {len(only_b)} only in {b_path} "
+                             f"(e.g. {example[0]} {example[1]} on {example[2]}, only in {where}); "
+                             "pass --partial to compare what they share")
+    out = []
+    for k in a_rows:
+        if k in b_rows and k[2] == MEAN:
+            ra, rb = a_rows[k], b_rows[k]
+            out.append({"method": k[0], "params": k[1], **{f"{m}_a": ra[m] for m in ("fpr95", "auroc")},
+                        **{f"{m}_b": rb[m] for m in ("fpr95", "auroc")},
+                        "fpr95_diff": rb["fpr95"] - ra["fpr95"], "auroc_diff": rb["auroc"] - ra["auroc"]})
+    return out
+
+
+def format_compare(rows: list[dict], label_a: str, label_b: str) -> str:
+    head = (f"{'method':<13} {'params':<40} {'FPR95 A':>8} {'FPR95 B':>8} {'B-A':>7} {'AUROC A':>8} {'AUROC B':>8} {'B-A':>7}")
+    lines = [f"A = {label_a}", f"B = {label_b}", "mean over ood splits, percent", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:<13} {r['params'][:40]:<40} {100 * r['fpr95_a']:8.2f} {100 * r['fpr95_b']:8.2f} "
+                     f"{100 * r['fpr95_diff']:+7.2f} {100 * r['auroc_a']:8.2f} {100 * r['auroc_b']:8.2f} {100 * r['auroc_diff']:+7.2f}")
+    return "\n".join(lines)

@@ -24,9 +24,13 @@ def cli():
 @click.option("--if-missing", is_flag=True, help="Do nothing if the cache already exists (as `make extract` does).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--shard", default=None, metavar="I/N",
-              help="Extract only shard I of N of every split (0-based), for `featcache merge`.")
+              help="Extract only shard I of N of every split (0-based), for `featcache merge`. Under torchrun, "
+                   "RANK/WORLD_SIZE give it.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the pipeline's extract.device, else cpu).")
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Run the backbone under autocast; outputs are stored as float32.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, quiet):
+def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, device, amp, quiet):
     """Run the backbone once per split of PIPELINE and write its feature cache.
 
     An interrupted extraction leaves <cache>.partial; running the same command again resumes it.
@@ -36,8 +40,17 @@ def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, quiet)
     from featcache.config import load_pipeline
     from featcache.extract.runner import extract as run_extract
 
+    import os
+
     spec = load_pipeline(pipeline)
     shard_spec = parse_shard(shard) if shard else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if shard_spec is None and world > 1:  # launched by torchrun: one shard per process, one GPU each
+        shard_spec = (int(os.environ["RANK"]), world)
+        if device is None and os.environ.get("LOCAL_RANK") is not None:
+            import torch
+
+            device = f"cuda:{os.environ['LOCAL_RANK']}" if torch.cuda.is_available() else None
     target = Path(out) if out else spec.cache
     target = target.with_suffix("." + fmt) if fmt else target
     if shard_spec and not out:
@@ -46,7 +59,7 @@ def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, quiet)
         click.echo(f"{target} exists; not extracting again (use --overwrite to redo it)")
         return
     path = run_extract(spec, out=target, overwrite=overwrite,
-                       batch_size=batch_size, progress=not quiet, shard=shard_spec)
+                       batch_size=batch_size, progress=not quiet, shard=shard_spec, device=device, amp=amp)
     click.echo(f"wrote {path}")
 
 

@@ -19,12 +19,17 @@ from featcache.errors import FeatcacheError
 
 @dataclass
 class ImageSet:
+    """A generated data set, held in memory already transformed."""
+
     images: np.ndarray  # float32 (N, C, H, W), already transformed
     labels: np.ndarray  # int64 (N,)
     ids: np.ndarray  # str (N,)
 
     def __len__(self):
         return len(self.labels)
+
+    def subset(self, lo: int, hi: int) -> "ImageSet":
+        return ImageSet(self.images[lo:hi], self.labels[lo:hi], self.ids[lo:hi])
 
 
 # --- ID data: scikit-learn's bundled digits -------------------------------------------------------
@@ -238,9 +243,6 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
     """(images in [0, 1] after the entry's resize, labels, ids), before normalisation."""
     source = dict(entry["source"])
     where = f"{manifest_path}: dataset {entry['name']!r}"
-    if "path" in source:
-        raise FeatcacheError(f"{where}: source format {source['format']!r} is not supported yet; "
-                             "use a built-in generator")
     generator = source.pop("generator")
     size = entry.get("transform", {}).get("resize")
     if generator == "corrupt":
@@ -266,9 +268,18 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
     return images, labels, ids
 
 
-def load_dataset(name: str, manifest: dict, manifest_path) -> ImageSet:
-    """Build manifest entry `name`, transformed, and check its declared size."""
+def load_dataset(name: str, manifest: dict, manifest_path):
+    """Manifest entry `name`, transformed, its declared size checked: an ImageSet (generated, in
+    memory) or a FileImages (read from files on access, see featcache.extract.files)."""
     entry = manifest_entry(manifest, name, manifest_path)
+    if "path" in entry["source"]:
+        from featcache.extract.files import load_files
+
+        where = f"{manifest_path}: dataset {name!r}"
+        data = load_files(entry["source"], entry.get("transform", {}), entry["role"], where)
+        if entry.get("size") is not None and entry["size"] != len(data):
+            raise FeatcacheError(f"{where}: declares size {entry['size']} but {entry['source']['path']} holds {len(data)}")
+        return data
     images, labels, ids = _raw_images(entry, manifest, manifest_path)
     if entry.get("size") is not None and entry["size"] != len(ids):
         raise FeatcacheError(

@@ -80,10 +80,14 @@ def find_layers(model: nn.Module, feature: str | None = None, prepool: str | Non
     feature_name = feature or qualname[feat_node]
     if prepool is None:
         if pool_input is None:
+            # A head on fully connected layers (VGG): the pre-pool map is the last feature map
+            # before the flatten that leads to the feature, taken before any pooling of it.
+            pool_input = _map_before_flatten(feat_node, module_of)
+        if pool_input is None:
             raise FeatcacheError(
-                f"{type(model).__name__}: the head's input ({qualname[feat_node]}) is not a global average pool "
-                "of a feature map, so there is no pre-pool map for chan_max/chan_mean; name one with "
-                "backbone.prepool_layer"
+                f"{type(model).__name__}: the head's input ({qualname[feat_node]}) is neither a global average "
+                "pool of a feature map nor computed from a flattened map, so there is no pre-pool map for "
+                "chan_max/chan_mean; name one with backbone.prepool_layer"
             )
         prepool = qualname[pool_input]
     known = set(qualname.values())
@@ -91,6 +95,25 @@ def find_layers(model: nn.Module, feature: str | None = None, prepool: str | Non
         if name not in known:
             raise FeatcacheError(f"{type(model).__name__}: no node {name!r} for {label}")
     return Layers(head=head, feature=feature_name, prepool=prepool, mean_pooled=mean_pooled)
+
+
+def _map_before_flatten(node, module_of):
+    """Walking back along first inputs: the input of the first flatten, before pooling modules."""
+    seen = 0
+    while isinstance(node, torch.fx.Node) and node.op != "placeholder" and seen < 200:
+        seen += 1
+        mod = module_of(node)
+        is_flatten = isinstance(mod, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten) \
+            or (node.op == "call_method" and node.target in ("flatten", "view", "reshape"))
+        if is_flatten:
+            source = node.args[0]
+            while isinstance(module_of(source), (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d)):
+                source = source.args[0]
+            return source
+        if not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        node = node.args[0]
+    return None
 
 
 def _global_pool_input(node, module):

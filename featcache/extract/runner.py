@@ -23,7 +23,7 @@ from featcache.extract.backbones import (
     state_dict_sha256,
     train_classifier,
 )
-from featcache.extract.datasets import load_dataset
+from featcache.extract.datasets import ImageSet, load_dataset
 from featcache.extract.layers import Layers, find_layers
 
 def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) -> tuple[nn.Module, str]:
@@ -69,33 +69,79 @@ def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) 
     return model.eval(), sha
 
 
-class FeatureExtractor:
-    """Pooled feature, pre-pool channel statistics and logits of a batch, in one forward pass."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    def __init__(self, model: nn.Module, layers: Layers):
+
+class FeatureExtractor:
+    """Pooled feature, pre-pool channel statistics and logits of a batch, in one forward pass.
+
+    With `amp` ("bf16" or "fp16") the backbone runs under autocast; outputs are stored as float32,
+    and the logits are then those of the head applied in float32 to the float32 features, so that
+    they equal features @ W.T + b as the contract requires.
+    """
+
+    def __init__(self, model: nn.Module, layers: Layers, device: str = "cpu", amp: str | None = None):
         from torchvision.models.feature_extraction import create_feature_extractor
 
-        self.layers = layers
-        head = dict(model.named_modules())[layers.head]
-        self.weight = head.weight.detach().cpu().numpy().astype(np.float32)
-        self.bias = (head.bias.detach().cpu().numpy() if head.bias is not None
-                     else np.zeros(head.out_features)).astype(np.float32)
+        if amp not in (None, *AMP_DTYPES):
+            raise FeatcacheError(f"extract.amp must be one of {', '.join(AMP_DTYPES)} or empty, got {amp!r}")
+        self.layers, self.device, self.amp = layers, torch.device(device), amp
+        self.head = dict(model.named_modules())[layers.head]
+        self.weight = self.head.weight.detach().cpu().numpy().astype(np.float32)
+        self.bias = (self.head.bias.detach().cpu().numpy() if self.head.bias is not None
+                     else np.zeros(self.head.out_features)).astype(np.float32)
         nodes = {layers.prepool: "prepool", layers.feature: "features", layers.head: "logits"}
-        self.net = create_feature_extractor(model, return_nodes=nodes).eval()
+        self.net = create_feature_extractor(model, return_nodes=nodes).eval().to(self.device)
+        self.head = self.head.to(self.device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict:
-        out = self.net(images)
-        prepool = out["prepool"]
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(self.amp, torch.bfloat16), enabled=self.amp is not None):
+            out = self.net(images)
+        prepool = out["prepool"].float()
         if prepool.ndim != 4:
             raise FeatcacheError(f"pre-pool node {self.layers.prepool!r} gives shape {tuple(prepool.shape)}, not (N, C, H, W)")
-        features = out["features"].flatten(1)
+        features = out["features"].flatten(1).float()
+        logits = self.head(features) if self.amp else out["logits"]
         return {
-            "features": features.float().cpu().numpy(),
-            "chan_max": prepool.amax(dim=(2, 3)).float().cpu().numpy(),
-            "chan_mean": prepool.mean(dim=(2, 3)).float().cpu().numpy(),
-            "logits": out["logits"].float().cpu().numpy(),
+            "features": features.cpu().numpy(),
+            "chan_max": prepool.amax(dim=(2, 3)).cpu().numpy(),
+            "chan_mean": prepool.mean(dim=(2, 3)).cpu().numpy(),
+            "logits": logits.float().cpu().numpy(),
         }
+
+
+def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory: bool = False):
+    """(start, stop, images) for rows start..stop in blocks of `step`; file data through a DataLoader.
+
+    An image that cannot be read stops extraction with an error naming its file.
+    """
+    if isinstance(data, ImageSet):
+        for a in range(start, stop, step):
+            yield a, min(a + step, stop), torch.from_numpy(data.images[a : min(a + step, stop)])
+        return
+    from torch.utils.data import DataLoader, Subset
+
+    loader = DataLoader(Subset(data, range(start, stop)), batch_size=step, shuffle=False, num_workers=workers,
+                        pin_memory=pin_memory)
+    a = start
+    for images, readable in loader:
+        if not bool(readable.all()):
+            bad = a + int(np.flatnonzero(~readable.numpy())[0])
+            raise FeatcacheError(f"{data.describe(bad)}: cannot be read as an image (sample {data.ids[bad]!r}); "
+                                 "remove it from the data set or fix it, then run again to resume")
+        yield a, a + len(images), images
+        a += len(images)
+
+
+def first_image(data) -> torch.Tensor:
+    if isinstance(data, ImageSet):
+        return torch.from_numpy(data.images[:1])
+    image, readable = data[0]
+    if not readable:
+        raise FeatcacheError(f"{data.describe(0)}: cannot be read as an image")
+    return image[None]
 
 
 def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
@@ -115,7 +161,7 @@ def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
 
 def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: bool = False,
             batch_size: int | None = None, progress: bool = True, timings: dict | None = None,
-            shard: tuple[int, int] | None = None) -> Path:
+            shard: tuple[int, int] | None = None, device: str | None = None, amp: str | None = None) -> Path:
     """Write (or resume) the pipeline's cache; returns its path.
 
     With `shard` = (i, n), only rows [i N / n, (i + 1) N / n) of every split are extracted, into a
@@ -137,8 +183,13 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
     model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress)
     spec = pipeline.backbone
     layers = find_layers(model, spec.get("feature_layer"), spec.get("prepool_layer"))
-    extractor = FeatureExtractor(model, layers)
-    batch_size = int(batch_size or pipeline.extract.get("batch_size", 256))
+    options = pipeline.extract
+    device = str(device or options.get("device", "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FeatcacheError(f"--device {device}: no CUDA device is available here")
+    extractor = FeatureExtractor(model, layers, device=device, amp=amp if amp is not None else options.get("amp"))
+    batch_size = int(batch_size or options.get("batch_size", 256))
+    workers = int(options.get("workers", 0))
     preprocessing = {e["name"]: {"source": e["source"], "transform": e["transform"]} for e in entries}
     root_attrs = dict(
         featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=spec["name"],
@@ -160,7 +211,7 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             if shard is not None:
                 total = len(data)
                 lo, hi = shard[0] * total // shard[1], (shard[0] + 1) * total // shard[1]
-                data = type(data)(data.images[lo:hi], data.labels[lo:hi], data.ids[lo:hi])
+                data = data.subset(lo, hi)
                 extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()
             split_ids[name] = data.ids
@@ -172,9 +223,9 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
                        disable=not progress, leave=False)
             step = int(split.write_rows or batch_size)  # a resumed split keeps its chunk layout
-            for start in range(split.rows_written, len(data), step):
-                stop = min(start + step, len(data))
-                batch = extractor(torch.from_numpy(data.images[start:stop]))
+            for start, stop, images in batches(data, split.rows_written, len(data), step, workers,
+                                               pin_memory=extractor.device.type == "cuda"):
+                batch = extractor(images)
                 check_logits(batch["features"], batch["logits"], extractor.weight, extractor.bias,
                              f"split {name!r} rows {start}-{stop}")
                 batch["labels"] = data.labels[start:stop]
@@ -192,7 +243,7 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
 
 def _open_split(writer, name, entry, data, extractor, layers, extra, batch_size):
     # The channel count is known only from a forward pass: run one sample to size the arrays.
-    probe = extractor(torch.from_numpy(data.images[:1]))
+    probe = extractor(first_image(data))
     dims = {"D": probe["features"].shape[1], "C": probe["chan_max"].shape[1], "K": probe["logits"].shape[1]}
     if dims["D"] != extractor.weight.shape[1]:
         raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")

@@ -1,0 +1,152 @@
+"""Data sets read from files: image folder trees, list files, CIFAR-10/100 batches, SVHN .mat.
+
+Each is a torch Dataset of (image tensor, readable flag) with `labels` and `ids` known up front, so
+a DataLoader with workers can stream it and the runner can write rows in order. An image that
+cannot be read is refused: extraction stops with an error naming its file (a cache never silently
+lacks a sample, and row order stays that of the listing).
+
+Preprocessing (`transform:` in the manifest):
+- preset: imagenet  -> Resize(256), CenterCrop(224), ImageNet mean/std (torchvision's ResNet, VGG,
+  DenseNet and MobileNet weights all expect this);
+- preset: cifar     -> 32x32 as stored, CIFAR-10 mean/std;
+- or explicit: resize (shorter side), crop (centre, square), normalize {mean, std}.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+PRESETS = {
+    "imagenet": {"resize": 256, "crop": 224, "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}},
+    "cifar": {"normalize": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}},
+}
+
+
+def build_transform(spec: dict, where: str):
+    """A torchvision transform from a manifest `transform:` entry."""
+    from torchvision import transforms as T
+
+    spec = dict(spec or {})
+    if "preset" in spec:
+        preset = spec.pop("preset")
+        if preset not in PRESETS:
+            raise FeatcacheError(f"{where}: unknown transform preset {preset!r}; one of {', '.join(PRESETS)}")
+        spec = {**PRESETS[preset], **spec}
+    steps = []
+    if spec.get("resize"):
+        steps.append(T.Resize(int(spec["resize"]), interpolation=T.InterpolationMode.BILINEAR, antialias=True))
+    if spec.get("crop"):
+        steps.append(T.CenterCrop(int(spec["crop"])))
+    steps.append(T.ToTensor())
+    if spec.get("normalize"):
+        steps.append(T.Normalize(spec["normalize"]["mean"], spec["normalize"]["std"]))
+    return T.Compose(steps)
+
+
+class FileImages:
+    """Images from files (or from an in-memory uint8 array), transformed on access."""
+
+    def __init__(self, items, labels, ids, transform, where: str, arrays: np.ndarray | None = None):
+        self.items, self.labels, self.ids = list(items), np.asarray(labels, np.int64), np.asarray(ids)
+        self.transform, self.where, self.arrays = transform, where, arrays
+        if not len(self.ids):
+            raise FeatcacheError(f"{where}: no images found")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        import torch
+        from PIL import Image
+
+        try:
+            if self.arrays is not None:
+                image = Image.fromarray(self.arrays[i])
+            else:
+                with Image.open(self.items[i]) as img:
+                    image = img.convert("RGB")
+            return self.transform(image), True
+        except Exception:
+            # reported by the runner in the main process, with the file's name
+            return torch.zeros(1), False
+
+    def subset(self, lo: int, hi: int) -> "FileImages":
+        items = self.items[lo:hi] if self.arrays is None else self.items
+        arrays = None if self.arrays is None else self.arrays[lo:hi]
+        return FileImages(items, self.labels[lo:hi], self.ids[lo:hi], self.transform, self.where, arrays)
+
+    def describe(self, i: int) -> str:
+        return str(self.items[i]) if self.arrays is None else f"{self.where} sample {self.ids[i]}"
+
+
+def _images_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_files(source: dict, transform_spec: dict, role: str, where: str) -> FileImages:
+    """The data set a manifest `source: {path, format}` names."""
+    path = Path(source["path"])
+    fmt = source["format"]
+    if not path.exists():
+        raise FeatcacheError(f"{where}: source path {path} does not exist")
+    transform = build_transform(transform_spec, where)
+    labelled = role in ("train", "id_train", "id_val", "id_test")
+    if fmt == "imagefolder":  # root/<class>/<image>: classes sorted, as torchvision's ImageFolder
+        classes = source.get("classes") or sorted(p.name for p in path.iterdir() if p.is_dir())
+        items, labels = [], []
+        for index, name in enumerate(classes):
+            for image in _images_under(path / name):
+                items.append(image)
+                labels.append(index if labelled else -1)
+        ids = [str(p.relative_to(path)) for p in items]
+    elif fmt == "folder":  # every image under root, unlabelled (OOD sets)
+        items = _images_under(path)
+        labels, ids = [-1] * len(items), [str(p.relative_to(path)) for p in items]
+    elif fmt == "list":  # a text file of "relative/path label" lines; images under `root`
+        root = Path(source.get("root", path.parent))
+        items, labels, ids = [], [], []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            try:
+                rel, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
+            except ValueError:
+                raise FeatcacheError(f"{path}:{number}: expected 'path label', got {line!r}") from None
+            items.append(root / rel)
+            labels.append(label if labelled else -1)
+            ids.append(rel)
+    elif fmt in ("cifar10", "cifar100"):  # the python batches, e.g. cifar-10-batches-py/
+        part = source.get("part", "test")
+        names = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if fmt == "cifar10"
+                 else {"train": ["train"], "test": ["test"]})[part]
+        arrays, labels = [], []
+        for name in names:
+            batch_file = path / name
+            if not batch_file.exists():
+                raise FeatcacheError(f"{where}: {batch_file} not found (expected the CIFAR python batches)")
+            with open(batch_file, "rb") as fh:
+                batch = pickle.load(fh, encoding="latin1")
+            arrays.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
+        arrays = np.concatenate(arrays)
+        ids = [f"{fmt}/{part}/{i}" for i in range(len(arrays))]
+        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays)
+    elif fmt == "svhn":  # train_32x32.mat / test_32x32.mat
+        from scipy.io import loadmat
+
+        mat = loadmat(path)
+        arrays = np.ascontiguousarray(np.asarray(mat["X"], np.uint8).transpose(3, 0, 1, 2))
+        labels = np.asarray(mat["y"]).ravel() % 10  # SVHN stores the digit 0 as 10
+        ids = [f"svhn/{path.stem}/{i}" for i in range(len(arrays))]
+        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays)
+    else:
+        raise FeatcacheError(f"{where}: unknown source format {fmt!r}; one of imagefolder, folder, list, "
+                             "cifar10, cifar100, svhn")
+    return FileImages(items, labels, ids, transform, where)

@@ -74,7 +74,7 @@ class FileImages:
             return self.transform(image), True
         except Exception:
             # reported by the runner in the main process, with the file's name
-            return torch.zeros(1), False
+            return None, False
 
     def subset(self, lo: int, hi: int) -> "FileImages":
         items = self.items[lo:hi] if self.arrays is None else self.items
@@ -83,6 +83,16 @@ class FileImages:
 
     def describe(self, i: int) -> str:
         return str(self.items[i]) if self.arrays is None else f"{self.where} sample {self.ids[i]}"
+
+
+def collate(items):
+    """Stack a batch; unreadable samples (None) become zeros, flagged False for the runner to report."""
+    import torch
+
+    readable = torch.tensor([ok for _, ok in items])
+    shape = next((img.shape for img, ok in items if ok), (1,))
+    images = torch.stack([img if ok else torch.zeros(shape) for img, ok in items])
+    return images, readable
 
 
 def _images_under(root: Path) -> list[Path]:

@@ -123,8 +123,10 @@ def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory
         return
     from torch.utils.data import DataLoader, Subset
 
+    from featcache.extract.files import collate
+
     loader = DataLoader(Subset(data, range(start, stop)), batch_size=step, shuffle=False, num_workers=workers,
-                        pin_memory=pin_memory)
+                        pin_memory=pin_memory, collate_fn=collate)
     a = start
     for images, readable in loader:
         if not bool(readable.all()):
@@ -209,8 +211,12 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             data = load_dataset(name, manifest, pipeline.manifest_path)
             extra = {}
             if shard is not None:
+                # Shard boundaries fall on whole batches, so every batch holds the same rows as in a
+                # one-process run: results then agree bit for bit (kernels can depend on batch size).
                 total = len(data)
-                lo, hi = shard[0] * total // shard[1], (shard[0] + 1) * total // shard[1]
+                n_batches = -(-total // batch_size)
+                lo = min(total, shard[0] * n_batches // shard[1] * batch_size)
+                hi = min(total, (shard[0] + 1) * n_batches // shard[1] * batch_size)
                 data = data.subset(lo, hi)
                 extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()

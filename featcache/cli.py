@@ -128,8 +128,11 @@ def info(cache):
               help="Results CSV (default: results/<pipeline name>/sweep.csv).")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches of configurations run in parallel joblib workers (same results as serial).")
+@click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
+              help="joblib backend for --jobs; dask sends batches to a dask.distributed cluster.")
+@click.option("--scheduler", default=None, help="With --backend dask: the scheduler's address (default: a local cluster).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(pipeline, cache_path, out, jobs, quiet):
+def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
     """Replay every method and grid of PIPELINE's `sweep:` from its cache; write metrics per ood split.
 
     Finished configurations are kept (keyed by cache fingerprint, method and parameters), so an
@@ -140,7 +143,8 @@ def sweep(pipeline, cache_path, out, jobs, quiet):
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
-    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet)
+    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
+                     scheduler=scheduler)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")

@@ -279,14 +279,18 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
-              storage_options: dict | None = None) -> list[dict]:
+              storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None) -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Configurations already in the progress store for this cache's fingerprint are not computed
     again; with `jobs` > 1, batches of configurations run in parallel joblib workers, each reading
-    the cache itself, with the same results as a serial run.
+    the cache itself, with the same results as a serial run. With backend "dask" the batches go to
+    the dask cluster at `scheduler` (or to a local one with `jobs` workers); its workers must be able
+    to read `cache_path` (a shared file system, or a Zarr URL on an object store).
     """
-    from joblib import Parallel, delayed
+    from contextlib import nullcontext
+
+    from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
     out_path = Path(out_path)
@@ -298,19 +302,39 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
     batches = batches_by_method(todo)
-    if jobs == 1:
-        finished = (sweep_batch(cache_path, batch, storage_options) for batch in batches)
-    else:
-        finished = Parallel(n_jobs=jobs, return_as="generator_unordered")(
-            delayed(sweep_batch)(cache_path, batch, storage_options) for batch in batches)
-    for rows, timings in finished:
-        store.add(rows, timings)
-        bar.update(len({(r["method"], r["params"]) for r in rows}))
+    client = dask_client(scheduler, jobs) if backend == "dask" else None
+    try:
+        with parallel_config(backend="dask") if client else nullcontext():
+            if jobs == 1 and client is None:
+                finished = (sweep_batch(cache_path, batch, storage_options) for batch in batches)
+            else:
+                finished = Parallel(n_jobs=-1 if client else jobs, return_as="generator")(
+                    delayed(sweep_batch)(str(cache_path), batch, storage_options) for batch in batches)
+            for rows, timings in finished:
+                store.add(rows, timings)
+                bar.update(len({(r["method"], r["params"]) for r in rows}))
+    finally:
+        if client is not None:
+            client.close()
     bar.close()
     rows = [row for m, p in configs for row in store.done[(m.name, params_key(p))]]
     write_csv(rows, out_path)
     write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs))
     return rows
+
+
+def dask_client(scheduler: str | None, jobs: int):
+    """A dask.distributed client: to the scheduler at `scheduler`, or to a new local cluster."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise FeatcacheError("--backend dask needs dask.distributed: pip install 'featcache[dask]'") from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout=30)
+        except OSError as exc:
+            raise FeatcacheError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    return Client(LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None))
 
 
 def write_meta(results_csv: Path, **meta) -> Path:

@@ -243,3 +243,16 @@ def test_progress_of_another_cache_is_never_reused(digits, tmp_path):
                                         "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "id_acc": 1.0}])
     assert ProgressStore(out, "a" * 64).done
     assert not ProgressStore(out, "b" * 64).done
+
+
+def test_sweep_on_a_local_dask_cluster_equals_serial(digits, tmp_path):
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import LocalCluster
+
+    from featcache.sweep import run_sweep
+
+    run_sweep(GRID, digits["cache"], tmp_path / "serial" / "sweep.csv", progress=False)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        run_sweep(GRID, digits["cache"], tmp_path / "dask" / "sweep.csv", progress=False, backend="dask",
+                  scheduler=cluster.scheduler_address)
+    assert (tmp_path / "serial" / "sweep.csv").read_text() == (tmp_path / "dask" / "sweep.csv").read_text()

@@ -55,8 +55,6 @@ class FileImages:
     def __init__(self, items, labels, ids, transform, where: str, arrays: np.ndarray | None = None):
         self.items, self.labels, self.ids = list(items), np.asarray(labels, np.int64), np.asarray(ids)
         self.transform, self.where, self.arrays = transform, where, arrays
-        if not len(self.ids):
-            raise FeatcacheError(f"{where}: no images found")
 
     def __len__(self):
         return len(self.ids)
@@ -159,4 +157,6 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str) -> Fil
     else:
         raise FeatcacheError(f"{where}: unknown source format {fmt!r}; one of imagefolder, folder, list, "
                              "cifar10, cifar100, svhn")
+    if not items:
+        raise FeatcacheError(f"{where}: no images found under {path}")
     return FileImages(items, labels, ids, transform, where)

@@ -209,6 +209,7 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             name = entry["name"]
             t0 = time.perf_counter()
             data = load_dataset(name, manifest, pipeline.manifest_path)
+            probe = extractor(first_image(data))  # sizes the arrays, even for a shard with no rows
             extra = {}
             if shard is not None:
                 # Shard boundaries fall on whole batches, so every batch holds the same rows as in a
@@ -223,7 +224,7 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
                 extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
-            split = _open_split(writer, name, entry, data, extractor, layers, extra, batch_size)
+            split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
             if split.complete:
                 continue
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
@@ -247,9 +248,7 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
         writer.close()
 
 
-def _open_split(writer, name, entry, data, extractor, layers, extra, batch_size):
-    # The channel count is known only from a forward pass: run one sample to size the arrays.
-    probe = extractor(first_image(data))
+def _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size):
     dims = {"D": probe["features"].shape[1], "C": probe["chan_max"].shape[1], "K": probe["logits"].shape[1]}
     if dims["D"] != extractor.weight.shape[1]:
         raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")

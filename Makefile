@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python benchmarks/bench_extract.py --model resnet18 --images 256
 	$(BIN)/python benchmarks/bench_sweep.py
 
 clean:

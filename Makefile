@@ -20,6 +20,8 @@ extract: $(STAMP)
 
 sweep: extract
 	$(BIN)/featcache sweep $(PIPELINE)
+	$(BIN)/featcache select $(PIPELINE) --quiet
+	$(BIN)/featcache report $(PIPELINE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

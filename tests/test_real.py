@@ -205,3 +205,20 @@ def test_example_pipelines_are_valid_and_name_missing_data(name, capsys, monkeyp
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
     assert "data/" in err and ("not found" in err or "does not exist" in err)
+
+
+def test_checkpoint_as_state_dict_or_whole_model(tmp_path):
+    from featcache.extract.backbones import build_backbone, load_checkpoint
+
+    torch.manual_seed(3)
+    source = torchvision.models.resnet18(num_classes=4)
+    torch.save(source.state_dict(), tmp_path / "state.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "wrapped.pt")
+    torch.save(source, tmp_path / "whole.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.eval()(x)
+    for name in ("state.pt", "wrapped.pt", "whole.pt"):
+        model = load_checkpoint(build_backbone({"name": "resnet18", "kwargs": {"num_classes": 4}}), tmp_path / name).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)

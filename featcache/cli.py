@@ -245,6 +245,19 @@ def compare_command(results_a, results_b, partial, out):
             writer.writerows(rows)
 
 
+@cli.command(name="methods")
+def methods_command():
+    """List every method with its parameters and defaults (and how nap+ makes its score positive)."""
+    from featcache.methods import REGISTRY
+
+    for name in sorted(REGISTRY):
+        method = REGISTRY[name]
+        params = ", ".join(f"{k}={v}" for k, v in method.defaults.items() if v is not None)
+        choice = "; ".join(" or ".join(group) for group in method.one_of)
+        click.echo(f"{name:<13} {params}{'  (' + choice + ')' if choice else ''}   [nap+: {method.positive}]")
+    click.echo("nap+<method>  w=0.5, eps=1.0 and the method's own parameters")
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="featcache", standalone_mode=False)

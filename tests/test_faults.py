@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 import featcache
 from featcache.cache.schema import SPLIT_ARRAYS

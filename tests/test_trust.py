@@ -12,13 +12,13 @@ import torch
 import yaml
 
 import featcache
-from featcache.cache.convert import convert, merge
+from featcache.cache.convert import merge
 from featcache.cache.schema import SPLIT_ARRAYS
 from featcache.cache.verify import verify
 from featcache.cli import main
 from featcache.config import load_pipeline
 from featcache.extract.runner import extract
-from tests.conftest import REPO, write_pipeline
+from tests.conftest import write_pipeline
 
 
 def same_cache(a, b):

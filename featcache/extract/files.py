@@ -60,7 +60,6 @@ class FileImages:
         return len(self.ids)
 
     def __getitem__(self, i):
-        import torch
         from PIL import Image
 
         try:

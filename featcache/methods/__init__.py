@@ -6,6 +6,6 @@ below, and add a test comparing it with a brute-force version of the paper's for
 """
 
 from featcache.methods import ash, dice, gradnorm, knn, logit, nap, react, rg, scale  # noqa: F401  (registration)
-from featcache.methods.base import REGISTRY, Fit, Head, Method, Output, SplitData, get_method, method_names
+from featcache.methods.base import REGISTRY, Fit, Head, Method, Output, SplitData, get_method
 
-__all__ = ["REGISTRY", "Fit", "Head", "Method", "Output", "SplitData", "get_method", "method_names"]
+__all__ = ["REGISTRY", "Fit", "Head", "Method", "Output", "SplitData", "get_method"]

@@ -310,10 +310,6 @@ def register(name: str, *, defaults: dict | None = None, positive: str = "exp", 
     return wrap
 
 
-def method_names() -> list[str]:
-    return sorted(REGISTRY) + ["nap+<method>"]
-
-
 def get_method(name: str) -> Method:
     """The registered method `name`, or the NAP combination `nap+<method>`."""
     import featcache.methods  # noqa: F401  (registers every family)

@@ -1,30 +1,21 @@
-"""Scores on the original logits: MSP, MaxLogit and Energy."""
+"""Scores on the original logits: MSP (Hendrycks & Gimpel, 2017), MaxLogit (Hendrycks et al., 2022)
+and Energy (Liu et al., 2020), T * logsumexp(f / T)."""
 
 from __future__ import annotations
 
 import numpy as np
-from featcache.methods.base import Output, energy, logsumexp_rows, original_energy, original_predictions, register
 
-
-def msp_score(logits: np.ndarray) -> np.ndarray:
-    """max_j softmax(f)_j (Hendrycks & Gimpel, 2017)."""
-    f = np.asarray(logits, dtype=np.float64)
-    return np.exp(f.max(axis=1) - logsumexp_rows(f))
+from featcache.methods.base import Output, original_energy, original_predictions, register
 
 
 def maxlogit_score(logits: np.ndarray) -> np.ndarray:
-    """max_j f_j (Hendrycks et al., 2022)."""
+    """max_j f_j."""
     return np.asarray(logits, dtype=np.float64).max(axis=1)
-
-
-def energy_score(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """T * logsumexp(f / T), the negative free energy (Liu et al., 2020)."""
-    return energy(logits, T)
 
 
 @register("msp", positive="identity")
 def msp(data, head, fit):
-    # max softmax = exp(max f - logsumexp f), from the shared energy
+    # max_j softmax(f)_j = exp(max f - logsumexp f), from the energy every logit method shares
     return Output(np.exp(maxlogit_score(data.logits) - original_energy(data)), original_predictions(data))
 
 

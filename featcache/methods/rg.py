@@ -21,12 +21,8 @@ def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
     return np.minimum(x, np.float32(k)).sum(axis=1, dtype=np.float64)
 
 
-def rg_score(logits: np.ndarray, x: np.ndarray, k: float = 1.0, T: float = 1.0) -> np.ndarray:
-    return energy(logits, T) * clipped_sum(x, k)
 
 
-def rg_add_score(logits: np.ndarray, x: np.ndarray, k: float, alpha: float) -> np.ndarray:
-    return energy(logits) + alpha * clipped_sum(x, k)
 
 
 ALPHA_SAMPLES = 1000

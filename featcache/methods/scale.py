@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import ash_prune, ash_s_scale, feature_sums, keep_count, sharpen_scale, sorted_features
+from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, sorted_features
 from featcache.methods.base import Output, energy_blocks, register, row_reduce
 
 
-def scale_factor(x: np.ndarray, p: float) -> np.ndarray:
-    return ash_s_scale(x, ash_prune(x, p)[0])
 
 
 @register("scale", defaults={"p": 85}, paper_default={"p": 85})

@@ -126,10 +126,20 @@ def row_reduce(fn: Callable, n: int) -> np.ndarray:
     return out
 
 
+PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
+
+
 @dataclass
 class Head:
     weight: np.ndarray  # (K, D) float32
     bias: np.ndarray  # (K,) float32
+
+    @property
+    def precise(self) -> bool:
+        """Small heads multiply in float64: it costs nothing there and keeps scores free of float32
+        rounding (which a per-sample scale such as ASH-S's exp(s1/s2) would magnify). Large heads
+        (ImageNet's 2048 x 1000) multiply in float32, where BLAS speed is the point."""
+        return self.weight.size <= PRECISE_HEAD_WEIGHTS
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
@@ -139,13 +149,15 @@ class Head:
         """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
 
         `x` is an (N, D) array, or a function (start, stop) -> the shaped rows start:stop, so that
-        shaping too runs a block at a time. One float32 product per block; the rest in float64.
+        shaping too runs a block at a time. One product per block (float32 unless `precise`); the
+        scaling, bias and logsumexp in float64.
         """
         rows = x if callable(x) else (lambda a, b: x[a:b])
-        weight_t = self.weight.T
+        dtype = np.float64 if self.precise else np.float32
+        weight_t = self.weight.T.astype(dtype)
 
         def block(start, stop):
-            z = (np.asarray(rows(start, stop), dtype=np.float32) @ weight_t).astype(np.float64)
+            z = (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
             if row_scale is not None:
                 z *= row_scale[start:stop, None]
             z += self.bias

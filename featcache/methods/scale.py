@@ -18,12 +18,14 @@ from featcache.methods.base import Output, energy_blocks, register, row_reduce
 
 @register("scale", defaults={"p": 85}, paper_default={"p": 85})
 def scale(data, head, fit, p):
-    # s2 is the sum of the k largest values whatever the ties; and since W x = f - b with f the cached
-    # logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
+    # s2 is the sum of the k largest values whatever the ties; and for a large head, since W x = f - b
+    # with f the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
     k = keep_count(data.features.shape[1], p)
     srt = sorted_features(data)
     s2 = row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt))
     r = sharpen_scale(feature_sums(data), s2)
+    if head.precise:
+        return Output(*head.energy(data.features, row_scale=r))
     f, b = data.logits, head.bias.astype(np.float64)
 
     def block(start, stop):

@@ -166,8 +166,8 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
             shard: tuple[int, int] | None = None, device: str | None = None, amp: str | None = None) -> Path:
     """Write (or resume) the pipeline's cache; returns its path.
 
-    With `shard` = (i, n), only rows [i N / n, (i + 1) N / n) of every split are extracted, into a
-    cache that `featcache merge` joins with the other shards.
+    With `shard` = (i, n), only the i-th of n near-equal runs of whole batches of every split is
+    extracted, into a cache that `featcache merge` joins with the other shards.
 
     `timings`, if given, receives per split {"n", "load_s", "extract_s"}: seconds spent building the
     data set, and running the backbone and writing.

@@ -15,13 +15,14 @@ evaluated. This assumes the objective is unimodal in w, as the NAP paper reports
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.methods.base import Method, get_method
-from featcache.methods.nap import combine_scores, nap_score
+from featcache.methods.nap import combine_scores, shared_nap_score, shared_output
 from featcache.metrics import ood_metrics
 from featcache.sweep import METRICS, Replay, evaluate, expand_grid
 
@@ -84,10 +85,10 @@ def choose(method: Method, space: dict, replay: Replay, target: Target, criterio
     eps_values = space.get("eps", [method.defaults["eps"]])
     for eps in eps_values if isinstance(eps_values, list) else [eps_values]:
         for _, base_params in expand_grid({base.name: base_space}):
-            # the base scores and NAP do not depend on w: compute them once per split
+            # the base scores and NAP do not depend on w: computed once per split, shared with evaluation
             def scored(split):
-                return (base(split, replay.head, replay.fit, **base_params).scores,
-                        nap_score(split.chan_max, split.chan_mean, eps))
+                return (shared_output(base, split, replay.head, replay.fit, base_params).scores,
+                        shared_nap_score(split, eps))
 
             id_scores = scored(target.id_split)
             ood_scores = [scored(s) for s in target.ood_splits]
@@ -153,16 +154,10 @@ def format_selection(rows: list[dict]) -> str:
         parts = []
         for choice in CHOICES:
             r = mean[(m, choice)]
-            params = ",".join(f"{k}={_short(v)}" for k, v in _params(r["params"]).items() if k not in ("eps", "seed", "bank"))
+            params = ",".join(f"{k}={_short(v)}" for k, v in json.loads(r["params"]).items() if k not in ("eps", "seed", "bank"))
             parts.append(f" {params[:19]:<19} {100 * r['fpr95']:5.1f} / {100 * r['auroc']:5.1f} ")
         lines.append(f"{m:<13}" + "".join(f"{p:<{cell + 1}}" for p in parts))
     return "\n".join(lines)
-
-
-def _params(text):
-    import json
-
-    return json.loads(text)
 
 
 def _short(v):

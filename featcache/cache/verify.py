@@ -90,29 +90,33 @@ def verify(path, *, sample_rows: int = 512, storage_options: dict | None = None)
                       f"{name}/{key}: {split.dtype(key)} {split.shape(key)}" + (
                           "" if split.shape(key) == shape and split.dtype(key) == dtype else f", expected {dtype} {shape}"))
             stored = json.loads(attrs.get("checksums") or "{}")
-            if check(stored, f"{name}: checksums stored" if stored else f"{name}: no checksums stored"):
-                for key in SPLIT_ARRAYS:
-                    values = split.read(key)
-                    check(array_checksum(values) == stored.get(key), f"{name}/{key}: checksum " + (
-                        "matches" if array_checksum(values) == stored.get(key) else "DIFFERS: the data changed after it was written"))
-            for key in ("features", "chan_max", "chan_mean", "logits"):
-                values = split.read(key)
-                bad = ~np.isfinite(values)
-                check(not bad.any(), f"{name}/{key}: finite" if not bad.any() else
-                      f"{name}/{key}: {int(bad.sum())} NaN or Inf values, first in sample "
-                      f"{str(split.read('ids')[int(np.argwhere(bad)[0][0])])!r}")
-            labels = split.read("labels")
-            if attrs["role"] in ("ood", "pseudo_ood"):
-                check((labels == -1).all(), f"{name}: labels all -1")
-            elif k is not None:
-                check(((labels >= 0) & (labels < k)).all(), f"{name}: labels in [0, {k})")
-            if head_ok and n and split.shape("features") == (n, d) and split.shape("logits") == (n, k):
-                rows = np.unique(np.linspace(0, n - 1, min(n, sample_rows)).astype(int))
-                feats, logits = split.read("features")[rows], split.read("logits")[rows]
-                bad = logits_mismatch(feats, logits, weight, bias)
+            check(stored, f"{name}: checksums stored" if stored else f"{name}: no checksums stored")
+            logits_ok = head_ok and n and split.shape("features") == (n, d) and split.shape("logits") == (n, k)
+            rows = np.unique(np.linspace(0, n - 1, min(n, sample_rows)).astype(int)) if n else np.arange(0)
+            sampled = {}
+            ids[name] = split.read("ids")
+            for key in SPLIT_ARRAYS:  # each array read once: checksum, finiteness and samples from one read
+                values = ids[name] if key == "ids" else split.read(key)
+                if stored:
+                    same = array_checksum(values) == stored.get(key)
+                    check(same, f"{name}/{key}: checksum " + ("matches" if same else
+                                                               "DIFFERS: the data changed after it was written"))
+                if values.dtype.kind == "f":
+                    bad = ~np.isfinite(values)
+                    check(not bad.any(), f"{name}/{key}: finite" if not bad.any() else
+                          f"{name}/{key}: {int(bad.sum())} NaN or Inf values, first in sample "
+                          f"{str(ids[name][int(np.argwhere(bad)[0][0])])!r}")
+                if key == "labels":
+                    if attrs["role"] in ("ood", "pseudo_ood"):
+                        check((values == -1).all(), f"{name}: labels all -1")
+                    elif k is not None:
+                        check(((values >= 0) & (values < k)).all(), f"{name}: labels in [0, {k})")
+                if key in ("features", "logits") and logits_ok:
+                    sampled[key] = values[rows]
+            if logits_ok:
+                bad = logits_mismatch(sampled["features"], sampled["logits"], weight, bias)
                 check(not bad.any(), f"{name}: logits = features @ W.T + b on {len(rows)} sampled rows" + (
                     "" if not bad.any() else f" FAILS in {int(bad.any(axis=1).sum())} rows"))
-            ids[name] = split.read("ids")
         preprocessing = cache.attrs.get("preprocessing")
         if preprocessing and head_ok and len(ids) == len(splits):
             again = fingerprint(weight, bias, json.loads(preprocessing), ids)

@@ -161,7 +161,7 @@ def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
     return entries
 
 
-def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: bool = False,
+def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
             batch_size: int | None = None, progress: bool = True, timings: dict | None = None,
             shard: tuple[int, int] | None = None, device: str | None = None, amp: str | None = None) -> Path:
     """Write (or resume) the pipeline's cache; returns its path.
@@ -177,8 +177,6 @@ def extract(pipeline: Pipeline, *, out=None, fmt: str | None = None, overwrite: 
     from tqdm import tqdm
 
     out = Path(out) if out else pipeline.cache
-    if fmt:
-        out = out.with_suffix("." + fmt)
     manifest = load_manifest(pipeline.manifest_path)
     entries = validate_splits(pipeline, manifest)
     writer = CacheWriter(out, overwrite=overwrite)  # refuses an existing output before any work

@@ -47,6 +47,12 @@ def nap(data, head, fit, eps):
     return Output(shared_nap_score(data, eps), original_predictions(data))
 
 
+def shared_output(base: Method, data, head, fit, params: dict) -> Output:
+    """`base`'s output on `data`, computed once per split and parameters: it does not depend on w."""
+    key = ("method", base.name, tuple(sorted(params.items())))
+    return data.memo(key, lambda: base.fn(data, head, fit, **params))
+
+
 # NAP paper, table 11, ImageNet-1k column; a pipeline can give other defaults (e.g. CIFAR-10's).
 PAPER_W = {"ash_p": 0.8, "ash_b": 0.8, "ash_s": 0.8, "dice": 0.6, "energy": 0.6, "knn": 0.6, "msp": 0.3,
            "react": 0.8, "scale": 0.4}
@@ -58,9 +64,7 @@ def combine(base: Method) -> Method:
         raise ValueError(f"{base.name}: parameter names clash with NAP's w and eps")
 
     def score(data, head, fit, w, eps, **params):
-        # neither the base scores nor NAP depend on w: a sweep over w computes them once
-        key = ("method", base.name, tuple(sorted(params.items())))
-        out = data.memo(key, lambda: base.fn(data, head, fit, **params))
+        out = shared_output(base, data, head, fit, params)
         return Output(combine_scores(out.scores, shared_nap_score(data, eps), w, base.positive), out.predictions)
 
     paper = None

@@ -139,7 +139,8 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
     interrupted sweep, run again, computes only what is missing.
     """
     from featcache.config import load_pipeline
-    from featcache.sweep import format_table, run_sweep
+    from featcache.sweep import run_sweep
+    from featcache.tables import format_table
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
@@ -167,7 +168,8 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
     from featcache.cache.reader import open_cache
     from featcache.config import load_pipeline
     from featcache.select import SELECTION_COLUMNS, format_selection, run_select
-    from featcache.sweep import load_replay, write_csv, write_meta
+    from featcache.replay import load_replay
+    from featcache.results import write_csv, write_meta
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.sweep import MEAN
+from featcache.results import MEAN
 
 SWEEP_AXES = ("p", "percentile", "clip", "k", "w", "T", "alpha_scale", "alpha")  # preferred x axis, in order
 

@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
-from featcache.sweep import MEAN, best_per_method, read_csv
+from featcache.results import MEAN, read_csv
+from featcache.tables import best_per_method
 
 
 def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
@@ -110,7 +111,7 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
     from featcache.cache.reader import open_cache
     from featcache.methods import get_method
     from featcache.plots import scores_figure, sensitivity_figure
-    from featcache.sweep import load_replay
+    from featcache.replay import load_replay
 
     figures_dir = results_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)

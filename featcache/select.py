@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.base import Method, get_method
+from featcache.methods.registry import Method, get_method
 from featcache.methods.nap import combine_scores, shared_nap_score, shared_output
 from featcache.metrics import ood_metrics
-from featcache.sweep import METRICS, Replay, evaluate, expand_grid
+from featcache.grid import expand_grid
+from featcache.replay import Replay, evaluate
+from featcache.results import METRICS
 
 W_TOL = 1 / 64
 CRITERIA = ("auroc", "fpr95")

@@ -419,7 +419,7 @@ def test_nap_combinations_of_peer_methods(setup, name, params):
 
 
 def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):
-    from featcache.methods.base import ROW_BLOCK, energy
+    from featcache.methods.kernels import ROW_BLOCK, energy
 
     f = rng.normal(0, 3, size=(ROW_BLOCK + 300, 40)).astype(np.float32)
     f[5] -= 2000  # far below the rest of its block: a shared shift would underflow its sum

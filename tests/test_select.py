@@ -13,7 +13,7 @@ import featcache
 from featcache.cli import main
 from featcache.methods import get_method
 from featcache.select import Target, binary_search_w, choose
-from featcache.sweep import load_replay
+from featcache.replay import load_replay
 
 
 @pytest.mark.parametrize("peak", [0.03, 0.3, 0.5, 0.77, 0.99])

@@ -17,7 +17,7 @@ from featcache.config import load_manifest
 from featcache.extract.backbones import DigitsResNet, load_checkpoint
 from featcache.extract.datasets import load_dataset
 from featcache.methods import get_method
-from featcache.sweep import load_replay
+from featcache.replay import load_replay
 from tests.conftest import REPO
 
 
@@ -236,7 +236,7 @@ def test_interrupted_sweep_computes_only_the_missing_configurations(digits, tmp_
 
 
 def test_progress_of_another_cache_is_never_reused(digits, tmp_path):
-    from featcache.sweep import ProgressStore
+    from featcache.progress import ProgressStore
 
     out = tmp_path / "sweep.csv"
     ProgressStore(out, "a" * 64).add([{"method": "energy", "params": '{"T": 1}', "ood": "mean", "fpr95": 0.0,

@@ -24,7 +24,9 @@ import zlib
 
 import numpy as np
 
-from featcache.methods.base import Output, map_row_blocks, register, row_reduce
+from featcache.methods.data import Output
+from featcache.methods.kernels import map_row_blocks, row_reduce
+from featcache.methods.registry import register
 
 
 def keep_count(n: int, p: float) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Head, Output, register
+from featcache.methods.data import Head, Output
+from featcache.methods.registry import register
 
 
 def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, logsumexp_rows, original_predictions, register
+from featcache.methods.data import Output, original_predictions
+from featcache.methods.kernels import logsumexp_rows
+from featcache.methods.registry import register
 
 
 def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndarray:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.base import Output, original_predictions, register, row_reduce
+from featcache.methods.data import Output, original_predictions
+from featcache.methods.kernels import row_reduce
+from featcache.methods.registry import register
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, original_energy, original_predictions, register
+from featcache.methods.data import Output, original_energy, original_predictions
+from featcache.methods.registry import register
 
 
 def maxlogit_score(logits: np.ndarray) -> np.ndarray:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Method, Output, original_predictions, register, row_reduce
+from featcache.methods.data import Output, original_predictions
+from featcache.methods.kernels import row_reduce
+from featcache.methods.registry import Method, register
 
 NAP_EPS = 1.0
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import ash_b_fill, ash_prune, sharpen_scale
-from featcache.methods.base import Output, register
+from featcache.methods.data import Output
+from featcache.methods.registry import register
 
 
 def react_features(x: np.ndarray, c: float) -> np.ndarray:

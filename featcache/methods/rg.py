@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.base import Output, energy, original_energy, original_predictions, register, row_reduce
+from featcache.methods.data import Output, original_energy, original_predictions
+from featcache.methods.kernels import energy, row_reduce
+from featcache.methods.registry import register
 
 
 def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, sorted_features
-from featcache.methods.base import Output, energy_blocks, register, row_reduce
+from featcache.methods.data import Output
+from featcache.methods.kernels import energy_blocks, row_reduce
+from featcache.methods.registry import register
 
 
 

@@ -1,0 +1,132 @@
+"""What a method sees: one split's cached arrays, the linear head, id_train statistics, and its output.
+
+What several configurations share (sorted features, energies, clipped sums, a base method's scores) is
+memoised on the split with `data.memo(key, compute)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import numpy as np
+
+from featcache.methods.kernels import energy, energy_blocks
+
+
+PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
+
+
+@dataclass
+class Head:
+    weight: np.ndarray  # (K, D) float32
+    bias: np.ndarray  # (K,) float32
+
+    @property
+    def precise(self) -> bool:
+        """Small heads multiply in float64: it costs nothing there and keeps scores free of float32
+        rounding (which a per-sample scale such as ASH-S's exp(s1/s2) would magnify). Large heads
+        (ImageNet's 2048 x 1000) multiply in float32, where BLAS speed is the point."""
+        return self.weight.size <= PRECISE_HEAD_WEIGHTS
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
+        return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
+
+    def energy(self, x, row_scale: np.ndarray | None = None, T: float = 1.0, n: int | None = None):
+        """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
+
+        `x` is an (N, D) array, or a function (start, stop) -> the shaped rows start:stop, so that
+        shaping too runs a block at a time. One product per block (float32 unless `precise`); the
+        scaling, bias and logsumexp in float64.
+        """
+        rows = x if callable(x) else (lambda a, b: x[a:b])
+        dtype = np.float64 if self.precise else np.float32
+        weight_t = self.weight.T.astype(dtype)
+
+        def block(start, stop):
+            z = (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
+            if row_scale is not None:
+                z *= row_scale[start:stop, None]
+            z += self.bias
+            return z
+
+        return energy_blocks(block, len(x) if n is None else n, T)
+
+
+ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
+
+
+class SplitData:
+    """One split's arrays, given directly or read on first use through `loader(name)`."""
+
+    def __init__(self, name: str, loader: Callable | None = None, same_as: dict | None = None, **arrays):
+        self.name = name
+        self._loader = loader
+        self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
+        self._memo: dict = {}
+        for key, value in arrays.items():
+            setattr(self, key, value)
+
+    def memo(self, key, compute):
+        """compute() once per key for this split: what several configurations share."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def __getattr__(self, key):
+        # only reached when the attribute is not set yet
+        if key in ARRAYS and self.__dict__.get("_loader") is not None:
+            value = getattr(self, self._same_as[key]) if key in self._same_as else self._loader(key)
+            setattr(self, key, value)
+            return value
+        raise AttributeError(f"split {self.__dict__.get('name')!r} has no array {key!r}")
+
+    def __len__(self):
+        return len(self.logits)
+
+    def take(self, index: np.ndarray) -> "SplitData":
+        """The same split restricted to rows `index`."""
+        return SplitData(self.name, **{k: getattr(self, k)[index] for k in ARRAYS})
+
+
+class Fit:
+    """Statistics of the id_train split that methods fit on, each computed once."""
+
+    def __init__(self, id_train: SplitData, seed: int = 0):
+        self.data = id_train
+        self.seed = seed
+
+    def memo(self, key, compute):
+        return self.data.memo(("fit",) + tuple(key), compute)
+
+    def feature_percentile(self, q: float) -> float:
+        """np.percentile (linear) over every entry of the id_train features: ReAct's clip."""
+        return self.memo(("percentile", q), lambda: float(np.percentile(self.data.features, q)))
+
+    @cached_property
+    def mean_feature(self) -> np.ndarray:
+        return self.data.features.astype(np.float64).mean(axis=0)
+
+    def subsample(self, n: int) -> np.ndarray:
+        """Row indices of n random id_train samples (all if fewer), fixed by `seed`."""
+        total = len(self.data)
+        if total <= n:
+            return np.arange(total)
+        return np.sort(np.random.default_rng(self.seed).choice(total, n, replace=False))
+
+
+@dataclass
+class Output:
+    scores: np.ndarray  # (N,) float64, higher = more in-distribution
+    predictions: np.ndarray  # (N,) class predicted by the head the method used (for ID accuracy)
+
+
+def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:
+    """Energy of the cached (original) logits, computed once per split and T."""
+    return data.memo(("energy", T), lambda: energy(data.logits, T))
+
+
+def original_predictions(data: "SplitData") -> np.ndarray:
+    return data.memo(("argmax",), lambda: data.logits.argmax(axis=1))

@@ -1,0 +1,115 @@
+"""Row-block kernels: head products, shaping and logsumexp run a block of rows at a time on every core.
+
+numpy's elementwise work is single-threaded; whole blocks in a thread per core, with BLAS held to one
+thread, keep every core busy, and no (N, K) float64 array is ever held.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+
+ROW_BLOCK = 1024  # rows per block of work: one head product of 1024 x D, temporaries of 1024 x K
+
+
+LSE_BLOCK = 128  # rows per in-place logsumexp pass: small enough to stay in the CPU cache
+
+
+def n_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
+    """Call fn(start, stop) for every block of rows, on all cores.
+
+    numpy's elementwise work is single-threaded; running whole blocks (product, shaping,
+    logsumexp) in a thread per core, with BLAS held to one thread, keeps every core busy.
+    """
+    blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
+    workers = min(n_workers(), len(blocks))
+    if workers <= 1:
+        for start, stop in blocks:
+            fn(start, stop)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(fn, start, stop) for start, stop in blocks]:
+            future.result()
+
+
+def logsumexp_rows(z: np.ndarray) -> np.ndarray:
+    """log(sum_j exp(z_j)) per row, shifted by the row maximum so it cannot overflow."""
+    top = z.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+
+
+def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
+    """T * logsumexp(z / T) per row of float64 `z`, which is overwritten.
+
+    Shifted by the block's largest value, a scalar (cheaper than a per-row maximum): every term is
+    then at most 1, so nothing overflows. Rows whose own maximum lies so far below that their sum
+    underflows are redone from `reload(rows)`, the original values, each with its own shift.
+    """
+    top = z.max()
+    z -= top
+    if T != 1:
+        z *= 1.0 / T  # a multiply is several times cheaper than a divide
+    sums = np.exp(z, out=z).sum(axis=1)
+    low = np.flatnonzero(sums < 1e-250)
+    sums[low] = 1.0
+    out = top + T * np.log(sums)
+    if low.size:
+        again = reload(low) / T
+        row_top = again.max(axis=1, keepdims=True)
+        out[low] = T * (row_top[:, 0] + np.log(np.exp(again - row_top).sum(axis=1)))
+    return out
+
+
+def energy_blocks(block: Callable, n: int, T: float = 1.0):
+    """(energy, argmax) of float64 logits produced `block(start, stop)` at a time, on all cores."""
+    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+
+    def run(start, stop):
+        z = block(start, stop)
+        for a in range(0, len(z), LSE_BLOCK):
+            sub = z[a : a + LSE_BLOCK]
+            rows = slice(start + a, start + a + len(sub))
+            predictions[rows] = sub.argmax(axis=1)
+            scores[rows] = _energy_inplace(sub, T, lambda low, a=a: block(start, stop)[a + low])
+
+    map_row_blocks(run, n)
+    return scores, predictions
+
+
+def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
+    """T * logsumexp(f / T) per row, in float64."""
+    out = np.empty(len(logits))
+
+    def run(start, stop):
+        for a in range(start, stop, LSE_BLOCK):
+            b = min(a + LSE_BLOCK, stop)
+            out[a:b] = _energy_inplace(logits[a:b].astype(np.float64), T,
+                                       lambda low, a=a: logits[a + low].astype(np.float64))
+
+    map_row_blocks(run, len(logits))
+    return out
+
+
+def row_reduce(fn: Callable, n: int) -> np.ndarray:
+    """fn(start, stop) -> one float64 per row, over all rows, on all cores."""
+    out = np.empty(n)
+
+    def run(start, stop):
+        out[start:stop] = fn(start, stop)
+
+    map_row_blocks(run, n)
+    return out

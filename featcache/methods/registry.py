@@ -1,0 +1,95 @@
+"""The registry of methods: the public face of `featcache.methods`.
+
+A method is a function `score(data, head, fit, **params) -> Output` (see `featcache.methods.data`):
+`data` holds one split's cached arrays, `head` the linear layer, `fit` statistics of the id_train
+split. It returns a score per sample (higher = more in-distribution) and the class the head it used
+predicts, for ID accuracy. Methods are registered with `@register`, one module per family;
+`get_method` also builds `nap+<method>` combinations.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+from featcache.errors import FeatcacheError
+from featcache.methods.data import Fit, Head, Output, SplitData
+from featcache.methods.params import CHECKS
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable
+    defaults: dict  # every parameter the method takes, with its default (None: one of a choice)
+    positive: str = "exp"  # how nap+ makes the score positive: "exp" (log-domain) or "identity" (> 0)
+    one_of: tuple = ()  # groups of parameters of which at most one may be given
+    paper_default: dict | None = None  # the source paper's recommended setting, where it gives one
+    integer: tuple = ()  # parameters that must be integers (k of KNN)
+
+    def resolve(self, params: dict) -> dict:
+        """Defaults filled in and every value checked; errors name the method, parameter and value."""
+        params = dict(params)
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(self.defaults), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            takes = ", ".join(self.defaults) or "no parameters"
+            raise FeatcacheError(f"{self.name}: unknown parameter {unknown[0]!r}{hint} (it takes {takes})")
+        for group in self.one_of:
+            given = [g for g in group if params.get(g) is not None]
+            if len(given) > 1:
+                raise FeatcacheError(f"{self.name}: give only one of {' or '.join(group)}, not both")
+            chosen = given[0] if given else group[0]
+            for other in group:
+                params[other] = params.get(chosen, self.defaults[chosen]) if other == chosen else None
+        full = {k: params[k] if k in params else v for k, v in self.defaults.items()}
+        for key, value in full.items():
+            if value is None and any(key in g for g in self.one_of):
+                continue
+            ok, what = CHECKS.get(key, (lambda v: True, ""))
+            if key in self.integer and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise FeatcacheError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            if not ok(value):
+                raise FeatcacheError(f"{self.name}: {key} must be {what}, got {value!r}")
+        return {k: v for k, v in full.items() if v is not None}
+
+    def __call__(self, data: SplitData, head: Head, fit: Fit, **params) -> Output:
+        return self.fn(data, head, fit, **params)
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, *, defaults: dict | None = None, positive: str = "exp", one_of: tuple = (),
+             paper_default: dict | None = None, integer: tuple = ()):
+    """Register `fn(data, head, fit, **params) -> Output` under `name`."""
+
+    def wrap(fn):
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        REGISTRY[name] = Method(name, fn, dict(defaults or {}), positive, one_of, paper_default, integer)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """The registered method `name`, or the NAP combination `nap+<method>`."""
+    import featcache.methods  # noqa: F401  (registers every family)
+
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith("nap+"):
+        from featcache.methods.nap import combine
+
+        base = name[4:]
+        if base.startswith("nap"):
+            raise FeatcacheError(f"{name}: NAP cannot be combined with itself")
+        if base in REGISTRY:
+            return combine(REGISTRY[base])
+    candidates = list(REGISTRY) + [f"nap+{m}" for m in REGISTRY if m != "nap"]
+    close = difflib.get_close_matches(name, candidates, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise FeatcacheError(f"unknown method {name!r}{hint}")

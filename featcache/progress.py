@@ -1,0 +1,43 @@
+"""The progress store: finished configurations of a sweep, so an interrupted sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class ProgressStore:
+    """Finished configurations of a sweep, one JSON line each, keyed by cache fingerprint.
+
+    Lets an interrupted or extended sweep compute only what is missing. Lines written for another
+    fingerprint are never used: a store made for another cache is started afresh.
+    """
+
+    def __init__(self, results_csv: Path, fingerprint: str):
+        self.path = results_csv.with_name(f".{results_csv.name}.progress.jsonl")
+        self.fingerprint = fingerprint
+        self.done: dict[tuple[str, str], list[dict]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill: that configuration is simply redone
+                if entry.get("fingerprint") == fingerprint:
+                    self.done[(entry["method"], entry["params"])] = entry["rows"]
+
+    def add(self, rows: list[dict], timings: dict | None = None) -> None:
+        """Record finished configurations; their batch's `timings` are shared out equally."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        by_config: dict[tuple[str, str], list[dict]] = {}
+        for row in rows:
+            by_config.setdefault((row["method"], row["params"]), []).append(row)
+        each = {k: v / max(len(by_config), 1) for k, v in (timings or {}).items()}
+        with open(self.path, "a") as fh:
+            for (method, params), config_rows in by_config.items():
+                fh.write(json.dumps({"fingerprint": self.fingerprint, "method": method, "params": params,
+                                     **each, "rows": config_rows}) + "\n")
+                self.done[(method, params)] = config_rows
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -1,0 +1,143 @@
+"""The batch engine: read a cache's splits and score configurations on them, one split at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featcache.cache.reader import Cache, Split, open_cache
+from featcache.errors import FeatcacheError
+from featcache.grid import params_key
+from featcache.methods.data import Fit, Head, SplitData
+from featcache.methods.registry import Method, get_method
+from featcache.metrics import SortedScores, accuracy, ood_metrics
+from featcache.results import MEAN, METRICS
+
+
+@dataclass
+class Replay:
+    """Everything a sweep reads from one cache."""
+
+    head: Head
+    fit: Fit
+    id_test: SplitData
+    oods: list[SplitData]
+    fingerprint: str
+    id_val: SplitData | None = None
+    pseudo_oods: list[SplitData] | None = None
+
+
+def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
+    """Reads arrays of `split` on demand, refusing NaN or Inf with a count and the first sample id.
+
+    Seconds spent reading are added to read_clock[0] when it is given.
+    """
+    import time
+
+    def load(key):
+        started = time.perf_counter()
+        values = split.read(key)
+        if read_clock is not None:
+            read_clock[0] += time.perf_counter() - started
+        # A NaN or Inf anywhere makes the float64 sum non-finite: one fast pass finds out, and only
+        # then is the count and the first bad sample looked for.
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
+            bad = ~np.isfinite(values)
+            if bad.any():
+                rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
+                first = str(split.read("ids", slice(int(rows[0]), int(rows[0]) + 1))[0])
+                raise FeatcacheError(f"{cache.path}: split {split.name!r} dataset {key!r} has {int(bad.sum())} "
+                                     f"NaN or Inf values in {len(rows)} samples, first in sample {first!r}")
+        return values
+
+    return load
+
+
+def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None) -> SplitData:
+    if split.n == 0 or split.shape("features")[0] == 0:
+        raise FeatcacheError(f"{cache.path}: split {split.name!r} is empty")
+    d = split.shape("features")[1]
+    if d != width:
+        raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
+    same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
+    return SplitData(split.name, loader=split_loader(cache, split, read_clock), same_as=same)
+
+
+def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list | None = None) -> Replay:
+    weight, bias = cache.head_weight, cache.head_bias
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise FeatcacheError(f"{cache.path}: head weight {weight.shape} and bias {bias.shape} do not fit together")
+    width = weight.shape[1]
+    oods = cache.splits("ood")
+    if not oods:
+        raise FeatcacheError(f"{cache.path}: no split with role 'ood' to evaluate against")
+    replay = Replay(
+        head=Head(weight.astype(np.float32), bias.astype(np.float32)),
+        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock)),
+        id_test=split_data(cache, cache.one_split("id_test"), width, read_clock),
+        oods=[split_data(cache, s, width, read_clock) for s in oods],
+        fingerprint=cache.fingerprint,
+    )
+    if with_selection:
+        replay.id_val = split_data(cache, cache.one_split("id_val"), width)
+        replay.pseudo_oods = [split_data(cache, s, width) for s in cache.splits("pseudo_ood")]
+    return replay
+
+
+def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
+    """One row per ood split (ID scores against that split's), then their mean."""
+    rows = []
+    try:
+        id_sorted = SortedScores(id_scores)  # sorted once for every ood split
+    except FeatcacheError as exc:
+        raise FeatcacheError(f"{method_name} {params_key(params)} on the ID split: {exc}") from None
+    for ood, scores in ood_scores.items():
+        try:
+            metrics = ood_metrics(id_sorted, scores)
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{method_name} {params_key(params)} on {ood}: {exc}") from None
+        rows.append({"method": method_name, "params": params_key(params), "ood": ood, **metrics, "id_acc": id_acc})
+    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    rows.append({"method": method_name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
+    return rows
+
+
+def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData | None = None,
+             ood_splits: list[SplitData] | None = None) -> list[dict]:
+    """Metric rows for one configuration on already loaded splits (by default id_test and the oods)."""
+    id_split = id_split or replay.id_test
+    ood_splits = replay.oods if ood_splits is None else ood_splits
+    out_id = method(id_split, replay.head, replay.fit, **params)
+    ood_scores = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in ood_splits}
+    return metric_rows(method.name, params, out_id.scores, accuracy(out_id.predictions, id_split.labels), ood_scores)
+
+
+def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None
+                ) -> tuple[list[dict], dict]:
+    """Metric rows of `configs` (method name, parameters), computed one split at a time.
+
+    Each split's arrays and its memo of shared work are held only while every configuration of
+    the batch is scored on it, so memory stays at about one split whatever the grid. A module-level
+    function of plain arguments, so joblib can run batches in other processes. Returns the rows
+    and timings: the batch's seconds in all, and those spent reading the cache.
+    """
+    import time
+
+    started, read_clock = time.perf_counter(), [0.0]
+    with open_cache(cache_path, storage_options=storage_options) as cache:
+        replay = load_replay(cache, read_clock=read_clock)
+        methods = [(get_method(name), params) for name, params in configs]
+        outputs = [method(replay.id_test, replay.head, replay.fit, **params) for method, params in methods]
+        id_scores = [out.scores for out in outputs]
+        id_acc = [accuracy(out.predictions, replay.id_test.labels) for out in outputs]
+        replay.id_test = None
+        ood_scores: list[dict] = [{} for _ in methods]
+        for i, ood in enumerate(replay.oods):
+            for scores, (method, params) in zip(ood_scores, methods):
+                scores[ood.name] = method(ood, replay.head, replay.fit, **params).scores
+            replay.oods[i] = None  # release the split and its memo before the next one is read
+    rows = []
+    for (method, params), ids, acc, oods in zip(methods, id_scores, id_acc, ood_scores):
+        rows.extend(metric_rows(method.name, params, ids, acc, oods))
+    return rows, {"seconds": time.perf_counter() - started, "read_seconds": read_clock[0]}

@@ -38,7 +38,7 @@ def make_synthetic_cache(path, splits=None, d: int = 2048, k: int = 1000, seed: 
     channel_scale = rng.lognormal(0.0, 0.5, size=d).astype(np.float32)
     writer = CacheWriter(path, overwrite=overwrite)
     writer.open(dict(featcache_version="synthetic", torch_version="none", backbone="synthetic-resnet50",
-                     checkpoint_sha256="0" * 64, feature_layer="flatten", prepool_layer="layer4"), weight, bias)
+                     checkpoint_sha256="0" * 64, feature_layer="flatten", prepool_layer="layer4", prepool_size="7x7"), weight, bias)
     ids = {}
     for name, (role, n) in splits.items():
         split = writer.split(name, role=role, source=f"synthetic:{name}", n=n, dims={"D": d, "C": d, "K": k},

@@ -59,8 +59,9 @@ class Pipeline:
     @property
     def backbone(self) -> dict:
         backbone = self.raw.get("backbone")
-        if not isinstance(backbone, dict) or "name" not in backbone:
-            raise FeatcacheError(f"{self.path}: field 'backbone' must be a mapping with a 'name'")
+        if not isinstance(backbone, dict) or ("name" in backbone) == ("factory" in backbone):
+            raise FeatcacheError(f"{self.path}: field 'backbone' must be a mapping with a 'name' or a 'factory' "
+                                 "(\"package.module:callable\" or \"path/to/file.py:callable\"), not both")
         return backbone
 
     @property

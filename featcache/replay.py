@@ -26,6 +26,29 @@ class Replay:
     fingerprint: str
     id_val: SplitData | None = None
     pseudo_oods: list[SplitData] | None = None
+    flat_prepool: str | None = None  # why NAP cannot run on this cache (a 1x1 pre-pool map), if so
+
+
+def flat_prepool(cache: Cache) -> str | None:
+    """The reason NAP cannot run on `cache`, or None.
+
+    NAP scores the ratio chan_max / chan_mean of the pre-pool map; on a 1x1 map (root attribute
+    `prepool_size`, e.g. torchvision's ResNet-18 on 32x32 images) the two are equal, every sample
+    scores the same, and nap+X silently degrades to X. Caches written before `prepool_size` existed
+    are not judged.
+    """
+    if str(cache.attrs.get("prepool_size", "")) != "1x1":
+        return None
+    return (f"{cache.path}: the pre-pool map {cache.attrs.get('prepool_layer')!r} is 1x1, so chan_max equals "
+            "chan_mean and NAP is undefined; extract again with backbone.prepool_layer naming a larger map "
+            "(every method but nap and nap+X runs on this cache)")
+
+
+def refuse_flat_prepool(replay: Replay, method_names) -> None:
+    """Refuse NAP and every nap+X before any work when the cache's pre-pool map is 1x1."""
+    nap = [str(n) for n in method_names if str(n) == "nap" or str(n).startswith("nap+")]
+    if replay.flat_prepool and nap:
+        raise FeatcacheError(f"{', '.join(nap)}: {replay.flat_prepool}")
 
 
 def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
@@ -35,7 +58,11 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
     """
     import time
 
+    flat = flat_prepool(cache)
+
     def load(key):
+        if key == "chan_max" and flat:
+            raise FeatcacheError(f"split {split.name!r}: {flat}")  # the last guard, for callers that skip the check
         started = time.perf_counter()
         values = split.read(key)
         if read_clock is not None:
@@ -78,6 +105,7 @@ def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list 
         id_test=split_data(cache, cache.one_split("id_test"), width, read_clock),
         oods=[split_data(cache, s, width, read_clock) for s in oods],
         fingerprint=cache.fingerprint,
+        flat_prepool=flat_prepool(cache),
     )
     if with_selection:
         replay.id_val = split_data(cache, cache.one_split("id_val"), width)

@@ -25,7 +25,7 @@ from featcache.methods.registry import Method, get_method
 from featcache.methods.nap import combine_scores, shared_nap_score, shared_output
 from featcache.metrics import ood_metrics
 from featcache.grid import expand_grid
-from featcache.replay import Replay, evaluate
+from featcache.replay import Replay, evaluate, refuse_flat_prepool
 from featcache.results import METRICS
 
 W_TOL = 1 / 64
@@ -123,6 +123,7 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
     if not replay.pseudo_oods:
         raise FeatcacheError("selection needs pseudo_ood splits (corrupted id_val data) in the cache; it has none")
     expand_grid(grid)  # every name and value checked before any work
+    refuse_flat_prepool(replay, grid)
     validation = Target(replay.id_val, replay.pseudo_oods)
     test = Target(replay.id_test, replay.oods)
     rows = []

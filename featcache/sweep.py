@@ -13,7 +13,7 @@ from featcache.cache.reader import open_cache
 from featcache.cluster import dask_client
 from featcache.grid import batches_by_method, expand_grid, params_key
 from featcache.progress import ProgressStore
-from featcache.replay import load_replay, sweep_batch
+from featcache.replay import load_replay, refuse_flat_prepool, sweep_batch
 from featcache.results import write_csv, write_meta
 
 
@@ -35,7 +35,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     out_path = Path(out_path)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
     with open_cache(cache_path, storage_options=storage_options) as cache:
-        load_replay(cache)  # refuses a cache that cannot be swept before any work starts
+        # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
+        refuse_flat_prepool(load_replay(cache), [m.name for m, _ in configs])
         fingerprint = cache.fingerprint
     store = ProgressStore(out_path, fingerprint)
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]

@@ -73,7 +73,7 @@ def feature_map(model, name, x):
         if name == "densenet121":
             return torch.nn.functional.relu(model.features(x))
         if name == "vgg16":
-            return model.features(x)
+            return model.features[:-1](x)  # the last ReLU map, before the final max-pool
     raise ValueError(name)
 
 
@@ -144,7 +144,7 @@ def test_unreadable_image_is_refused_with_its_name(folders, tmp_path, capsys):
 
 @pytest.mark.parametrize("name, head, prepool, mean_pooled", [
     ("densenet121", "classifier", "relu", True),
-    ("vgg16", "classifier.6", "features.30", False),
+    ("vgg16", "classifier.6", "features.29", False),
 ])
 def test_other_architectures(name, head, prepool, mean_pooled):
     from featcache.extract.layers import find_layers

@@ -25,6 +25,7 @@ ROOT_ATTRS = (
     "checkpoint_sha256",
     "feature_layer",
     "prepool_layer",
+    "prepool_size",
 )
 
 SPLIT_ATTRS = ("role", "source", "n", "complete")

@@ -61,9 +61,13 @@ BUILTIN = {"digits_resnet": DigitsResNet}
 
 
 def build_backbone(spec: dict) -> nn.Module:
-    """An untrained model from a pipeline's `backbone:` entry (builtin or torchvision name)."""
+    """An untrained model from a pipeline's `backbone:` entry (builtin or torchvision name, or a factory)."""
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise FeatcacheError(f"backbone.kwargs: expected a mapping of argument to value, got {kwargs!r}")
+    if "factory" in spec:
+        return from_factory(spec["factory"], kwargs)
     name = spec["name"]
-    kwargs = dict(spec.get("kwargs") or {})
     if name in BUILTIN:
         return BUILTIN[name](**kwargs)
     import torchvision
@@ -76,6 +80,81 @@ def build_backbone(spec: dict) -> nn.Module:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise FeatcacheError(f"unknown backbone {name!r}{hint}")
     return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def backbone_label(spec: dict) -> str:
+    """What the cache's `backbone` attribute records: the factory string, or the model's name."""
+    return str(spec["factory"]) if "factory" in spec else str(spec["name"])
+
+
+def from_factory(factory, kwargs: dict) -> nn.Module:
+    """`factory(**kwargs)` for `backbone.factory` = "package.module:callable" or "path/to/file.py:callable".
+
+    A module is imported with the current directory first on sys.path (so a `models/` folder beside
+    the pipeline imports as `models.densenet`); a .py file is loaded by path (relative to the current
+    directory) with its own folder on sys.path while it runs, so it can import files beside it. The
+    callable may be dotted (`module:Class.build`) and must return an nn.Module.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    where = f"backbone.factory {factory!r}"
+    if not isinstance(factory, str) or factory.count(":") < 1 or not all(factory.rpartition(":")[::2]):
+        raise FeatcacheError(f"{where}: expected \"package.module:callable\" or \"path/to/file.py:callable\"")
+    target, _, attr = factory.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise FeatcacheError(f"{where}: file {path} not found")
+        # A name unique to the file, so two model files named alike do not share a module.
+        name = f"featcache_factory_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        folder = str(path.resolve().parent)
+    else:
+        if not all(part.isidentifier() for part in target.split(".")):
+            raise FeatcacheError(f"{where}: {target!r} is neither a module name nor a .py file")
+        name, folder = target, str(Path.cwd())
+    sys.path.insert(0, folder)
+    try:
+        if target.endswith(".py"):
+            module = sys.modules.get(name)
+            if module is None:
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module  # dataclasses and pickling look the module up by name
+                try:
+                    module_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            module = importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise FeatcacheError(f"{where}: cannot import {target} (no module named {exc.name!r})") from None
+    except Exception as exc:
+        raise FeatcacheError(f"{where}: importing {target} failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        sys.path.remove(folder)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            import difflib
+
+            close = difflib.get_close_matches(part, [a for a in dir(obj) if not a.startswith("_")], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise FeatcacheError(f"{where}: {target} has no attribute {attr!r}{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise FeatcacheError(f"{where}: {attr} is a {type(obj).__name__}, not a callable")
+    try:
+        model = obj(**kwargs)
+    except Exception as exc:
+        raise FeatcacheError(f"{where}: {attr}(**backbone.kwargs) failed: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(model, nn.Module):
+        raise FeatcacheError(f"{where}: {attr} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def file_sha256(path) -> str:

@@ -17,6 +17,7 @@ from featcache.config import Pipeline, load_manifest, manifest_entry
 from featcache.errors import FeatcacheError
 from featcache.extract.backbones import (
     accuracy,
+    backbone_label,
     build_backbone,
     file_sha256,
     load_checkpoint,
@@ -53,9 +54,9 @@ def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) 
         if evaluate:
             test = load_dataset(evaluate, manifest, pipeline.manifest_path)
             acc = accuracy(model, test.images, test.labels)
-            print(f"trained {spec['name']}: {evaluate} accuracy {100 * acc:.2f}%")
+            print(f"trained {backbone_label(spec)}: {evaluate} accuracy {100 * acc:.2f}%")
             if min_accuracy is not None and acc < min_accuracy:
-                raise FeatcacheError(f"{spec['name']}: {evaluate} accuracy {acc:.4f} is below min_accuracy {min_accuracy}")
+                raise FeatcacheError(f"{backbone_label(spec)}: {evaluate} accuracy {acc:.4f} is below min_accuracy {min_accuracy}")
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = checkpoint.with_name(checkpoint.name + ".tmp")
         torch.save(model.state_dict(), tmp)
@@ -110,6 +111,15 @@ class FeatureExtractor:
             "chan_mean": prepool.mean(dim=(2, 3)).cpu().numpy(),
             "logits": logits.float().cpu().numpy(),
         }
+
+
+def prepool_size(extractor: FeatureExtractor, image: torch.Tensor) -> str:
+    """The pre-pool map's spatial size, "HxW", for one input (the `prepool_size` root attribute)."""
+    with torch.no_grad():
+        shape = tuple(extractor.net(image.to(extractor.device))["prepool"].shape)
+    if len(shape) != 4:
+        raise FeatcacheError(f"pre-pool node {extractor.layers.prepool!r} gives shape {shape}, not (N, C, H, W)")
+    return f"{shape[2]}x{shape[3]}"
 
 
 def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory: bool = False):
@@ -191,9 +201,11 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     batch_size = int(batch_size or options.get("batch_size", 256))
     workers = int(options.get("workers", 0))
     preprocessing = {e["name"]: {"source": e["source"], "transform": e["transform"]} for e in entries}
+    first = first_image(load_dataset(entries[0]["name"], manifest, pipeline.manifest_path))
     root_attrs = dict(
-        featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=spec["name"],
+        featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=backbone_label(spec),
         checkpoint_sha256=checkpoint_sha, feature_layer=layers.feature, prepool_layer=layers.prepool,
+        prepool_size=prepool_size(extractor, first),
         preprocessing=json.dumps(preprocessing, sort_keys=True),
     )
     if shard is not None:

@@ -146,7 +146,7 @@ def from_factory(factory, kwargs: dict) -> nn.Module:
             raise FeatcacheError(f"{where}: {target} has no attribute {attr!r}{hint}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise FeatcacheError(f"{where}: {attr} is a {type(obj).__name__}, not a callable")
+        raise FeatcacheError(f"{where}: {attr} is not callable (it is a {type(obj).__name__})")
     try:
         model = obj(**kwargs)
     except Exception as exc:

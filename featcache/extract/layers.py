@@ -29,7 +29,7 @@ _REDUCE_METHODS = {"mean", "amax"}
 class Layers:
     head: str  # the final nn.Linear's qualified name; its output node gives the logits
     feature: str  # node whose output the head sees (the pooled penultimate feature)
-    prepool: str  # node whose output is the last feature map before global pooling
+    prepool: str  # node whose output is the map just before the spatial pooling that feeds the head
     mean_pooled: bool  # the feature is the spatial mean of the pre-pool map (ResNet-style)
 
 

@@ -281,7 +281,9 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
                              f"split {name!r} rows {start}-{stop}")
                 batch["labels"] = data.labels[start:stop]
                 batch["ids"] = data.ids[start:stop]
-                room.check(room.append_bytes(stop - start))
+                # chunks are whole multiples of an append, so an append begins at most one new chunk
+                # of every array: allocated whole (HDF5), or written anew before the old one goes (Zarr)
+                room.check(room.chunk_bytes)
                 split.append(batch)
                 room.wrote(name, stop - start)
                 bar.update(stop - start)
@@ -350,6 +352,12 @@ def _same_ids(writer: CacheWriter, split, data) -> bool:
     return False
 
 
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
 def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f} MiB"
 
@@ -359,8 +367,9 @@ class Room:
 
     Stopping before the disk is full leaves a partial that closes cleanly and resumes; a write that
     fails for want of space anyway (another process filled the disk) is reported by `full`. The
-    estimate counts float32 features, chan_max, chan_mean (not on disk twice when HDF5 links it to
-    features), logits, int64 labels and the ids' characters, for the rows still to write.
+    estimate counts, per split, whole chunks (the last one is allocated whole too) of float32
+    features, chan_max, chan_mean (not on disk twice when HDF5 links it to features), logits, int64
+    labels, and ids (a 16-byte reference plus the string and its 16-byte heap header).
     """
 
     SLACK = 1 << 20  # metadata written when splits are finished and the file is closed
@@ -369,43 +378,54 @@ class Room:
         self.writer, self.batch_size = writer, batch_size
         k, d = extractor.weight.shape
         self.head_bytes = 4 * k * (d + 1)
-        self.row_bytes = 4 * (3 * d + k) + 8 + 32  # until a probe gives the channel count (ResNets: C = D)
+        # array -> (row width the chunk layout is computed from, bytes per row on disk); until a
+        # probe gives the channel count C, ResNets' C = D stands in
+        self.widths = self._widths(d, d, k, linked=False, id_chars=32)
         self.chunk_bytes = 0
         self.declared = {e["name"]: e.get("size") for e in entries}
-        self.left: dict[str, int] = {}
+        self.splits: dict[str, list[int]] = {}  # name -> [n, rows written]
 
-    def plan(self, split, ids, probe) -> None:
-        """Split `split` is about to be written: its row size, chunk size and rows still to write."""
+    @staticmethod
+    def _widths(d, c, k, linked, id_chars) -> dict:
+        return {"features": (4 * d, 4 * d), "chan_max": (4 * c, 4 * c), "chan_mean": (4 * c, 0 if linked else 4 * c),
+                "logits": (4 * k, 4 * k), "labels": (8, 8), "ids": (64, 32 + id_chars)}
+
+    def _chunks(self, n: int) -> dict:
+        """array -> rows per chunk, as CacheWriter.split lays them out for a split of n rows."""
         from featcache.cache.store import row_chunks
 
+        return {key: row_chunks((max(n, 1),), basis, multiple_of=self.batch_size)[0]
+                for key, (basis, _) in self.widths.items()}
+
+    def _bytes(self, n: int, written: int) -> int:
+        """Bytes a split of n rows with `written` rows on disk still takes: the chunks not yet begun."""
+        total = 0
+        for key, rows in self._chunks(n).items():
+            total += (-(-n // rows) - -(-written // rows)) * rows * self.widths[key][1]
+        return total
+
+    def plan(self, split, ids, probe) -> None:
+        """Split `split` is about to be written: its row widths, chunk sizes and rows written."""
         c, d, k = probe["chan_max"].shape[1], probe["features"].shape[1], probe["logits"].shape[1]
-        linked = split.chan_mean_linked
-        id_bytes = max((len(str(i).encode()) for i in ids), default=0) + 16
-        widths = {"features": 4 * d, "chan_max": 4 * c, "chan_mean": 0 if linked else 4 * c, "logits": 4 * k,
-                  "labels": 8, "ids": id_bytes}
-        self.row_bytes = sum(widths.values())
-        rows = max(split.n, 1)
-        self.chunk_bytes = sum(row_chunks((rows,), w, multiple_of=self.batch_size)[0] * w for w in widths.values())
-        self.left[split.name] = 0 if split.complete else split.n - split.rows_written
+        id_chars = max((len(str(i).encode()) for i in ids), default=0)
+        self.widths = self._widths(d, c, k, split.chan_mean_linked, id_chars)
+        self.chunk_bytes = sum(rows * self.widths[key][1] for key, rows in self._chunks(split.n).items())  # one of each
+        self.splits[split.name] = [split.n, split.n if split.complete else split.rows_written]
 
     def wrote(self, name: str, rows: int) -> None:
-        self.left[name] -= rows
-
-    def append_bytes(self, rows: int) -> int:
-        # a chunk is allocated whole when first written (HDF5), or written anew beside the old one (Zarr)
-        return rows * self.row_bytes + 2 * self.chunk_bytes
+        self.splits[name][1] += rows
 
     def needed(self) -> tuple[int, bool]:
         """(bytes still to write, whether some split's size is unknown so it is more)."""
-        rows, unknown = sum(self.left.values()), False
+        total, unknown = sum(self._bytes(n, written) for n, written in self.splits.values()), False
         for name, size in self.declared.items():
-            if name not in self.left:
+            if name not in self.splits:
                 if size is None:
                     unknown = True
                 else:
-                    rows += size
+                    total += self._bytes(size, 0)
         extra = self.head_bytes if self.writer.store is None else 0
-        return rows * self.row_bytes + extra + self.SLACK, unknown
+        return total + extra + self.SLACK, unknown
 
     def free(self) -> int | None:
         try:
@@ -415,11 +435,14 @@ class Room:
         return usage.free if usage.total > 0 else None  # some virtual file systems report nothing
 
     def check(self, nbytes: int) -> None:
-        """Stop, cleanly and resumably, when fewer than `nbytes` (plus slack) are free."""
+        """Stop, cleanly and resumably, when the next write of `nbytes` might not fit (slack for
+        metadata included) and neither would the rest of the cache."""
         free = self.free()
-        if free is None or free >= nbytes + self.SLACK:
+        if free is None:
             return
         need, unknown = self.needed()
+        if free >= min(nbytes + self.SLACK, need):
+            return
         raise FeatcacheError(f"{self.writer.partial}: the disk is nearly full ({_mib(free)} free); about "
                              f"{_mib(need)}{' or more' if unknown else ''} are needed for the rest of the cache; "
                              "free some space and run the same command again to resume")
@@ -429,14 +452,16 @@ class Room:
         need, unknown = self.needed()
         more = " or more" if unknown else ""
         if self.writer.fmt == "h5":
-            # HDF5 may have left the file's metadata half written; the partial cannot be trusted
+            # HDF5 may have left the file's metadata half written: the partial cannot be trusted. Its
+            # space comes back when this process ends (HDF5 keeps the file open, see abandon).
+            size = _size(self.writer.partial)
             self.writer.abandon()
-            free = self.free()
+            free = (self.free() or 0) + size
             return DiskFull(f"{self.writer.partial}: the disk filled up while writing it (No space left on "
                             f"device); the partial was removed, because a failed HDF5 write can damage it; about "
-                            f"{_mib(need + self._written())}{more} are needed for the whole cache "
-                            f"({_mib(free or 0)} free now); free some space and run the same command again",
-                            abandoned=True)
+                            f"{_mib(need + self._written())}{more} are needed for the whole cache, "
+                            f"{_mib(free)} are free without the partial; free some space and run the same "
+                            "command again", abandoned=True)
         free = self.free()
         return DiskFull(f"{self.writer.partial}: the disk filled up while writing it (No space left on device); "
                         f"about {_mib(need)}{more} more are needed ({_mib(free or 0)} free now); free some space "
@@ -444,8 +469,7 @@ class Room:
 
     def _written(self) -> int:
         """Bytes of the rows already written, which a restart writes again."""
-        done = sum(self.declared[name] or 0 for name in self.left) - sum(self.left.values())
-        return max(done, 0) * self.row_bytes
+        return sum(self._bytes(n, 0) - self._bytes(n, written) for n, written in self.splits.values())
 
 
 def _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size):

@@ -376,6 +376,8 @@ class Room:
 
     def __init__(self, writer: CacheWriter, entries: list, extractor, batch_size: int):
         self.writer, self.batch_size = writer, batch_size
+        # HDF5 stores chunks as they are (edge chunks whole); Zarr compresses them, so takes less
+        self.about = "about" if writer.fmt == "h5" else "up to"
         k, d = extractor.weight.shape
         self.head_bytes = 4 * k * (d + 1)
         # array -> (row width the chunk layout is computed from, bytes per row on disk); until a
@@ -443,7 +445,7 @@ class Room:
         need, unknown = self.needed()
         if free >= min(nbytes + self.SLACK, need):
             return
-        raise FeatcacheError(f"{self.writer.partial}: the disk is nearly full ({_mib(free)} free); about "
+        raise FeatcacheError(f"{self.writer.partial}: the disk is nearly full ({_mib(free)} free); {self.about} "
                              f"{_mib(need)}{' or more' if unknown else ''} are needed for the rest of the cache; "
                              "free some space and run the same command again to resume")
 
@@ -464,7 +466,7 @@ class Room:
                             "command again", abandoned=True)
         free = self.free()
         return DiskFull(f"{self.writer.partial}: the disk filled up while writing it (No space left on device); "
-                        f"about {_mib(need)}{more} more are needed ({_mib(free or 0)} free now); free some space "
+                        f"{self.about} {_mib(need)}{more} more are needed ({_mib(free or 0)} free now); free some space "
                         "and run the same command again to resume")
 
     def _written(self) -> int:

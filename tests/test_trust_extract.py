@@ -294,7 +294,7 @@ def test_second_extraction_to_the_same_output_is_refused(tmp_path):
             second = cli_extract(pipeline, out, *extra)
             lines = second.stderr.strip().splitlines()
             assert second.returncode == 1 and len(lines) == 1, second.stderr
-            assert f"{out}: in use by another extraction (pid {first.pid} on " in lines[0]
+            assert f"{out}: in use by another featcache process writing it (pid {first.pid} on " in lines[0]
             assert partial_path(out).exists() and os.path.getsize(partial_path(out)) == partial_size
         gate.touch()
         stdout, stderr = first.communicate(timeout=300)

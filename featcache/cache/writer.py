@@ -128,8 +128,8 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process that is starting"
                 os.close(fd)
-                raise FeatcacheError(f"{self.output}: in use by another featcache process writing it ({holder}; lock {self.path}); "
-                                     "wait for it to finish or stop it, then run again") from None
+                raise FeatcacheError(f"{self.output}: in use by another featcache process writing it ({holder}; "
+                                     f"lock {self.path}); wait for it to finish or stop it, then run again") from None
             except OSError:  # a file system without flock (some network mounts): go on unlocked
                 self.fd = fd
                 return

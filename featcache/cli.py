@@ -29,11 +29,14 @@ def cli():
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the pipeline's extract.device, else cpu).")
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="Run the backbone under autocast; outputs are stored as float32.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load a checkpoint that needs full unpickling (a whole pickled model); this runs code from the file.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, device, amp, quiet):
+def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, device, amp, trust_checkpoint, quiet):
     """Run the backbone once per split of PIPELINE and write its feature cache.
 
-    An interrupted extraction leaves <cache>.partial; running the same command again resumes it.
+    An interrupted extraction leaves <cache>.partial; running the same command again resumes it when
+    nothing that shapes the numbers changed (otherwise it starts afresh and says why).
     """
     from pathlib import Path
 
@@ -59,7 +62,8 @@ def extract(pipeline, fmt, out, overwrite, if_missing, batch_size, shard, device
         click.echo(f"{target} exists; not extracting again (use --overwrite to redo it)")
         return
     path = run_extract(spec, out=target, overwrite=overwrite,
-                       batch_size=batch_size, progress=not quiet, shard=shard_spec, device=device, amp=amp)
+                       batch_size=batch_size, progress=not quiet, shard=shard_spec, device=device, amp=amp,
+                       trust_checkpoint=trust_checkpoint)
     click.echo(f"wrote {path}")
 
 
@@ -265,6 +269,12 @@ def main(argv=None):
         cli.main(args=argv, prog_name="featcache", standalone_mode=False)
     except FeatcacheError as exc:
         click.echo(f"featcache: error: {exc}", err=True)
+        if getattr(exc, "abandoned", False):  # see errors.DiskFull: skip the exit handlers HDF5 crashes in
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("featcache: aborted", err=True)

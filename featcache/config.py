@@ -16,6 +16,21 @@ from featcache.errors import FeatcacheError
 MANIFEST_ROLES = ("train", "id_train", "id_val", "id_test", "ood", "pseudo_ood")
 
 
+def plain_name_problem(name) -> str | None:
+    """Why `name` is not a plain name (None if it is): it becomes a path part or a cache group name,
+    so it must be a non-empty string with no path separator, not '.' or '..', and no control
+    character (cache-schema.md, Rules)."""
+    if not isinstance(name, str) or not name:
+        return "it must be a non-empty string"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if name in (".", ".."):
+        return "'.' and '..' name directories"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "it contains a control character"
+    return None
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -90,8 +105,9 @@ class Pipeline:
 def load_pipeline(path) -> Pipeline:
     raw = load_yaml(path)
     name = raw.get("name", Path(path).stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise FeatcacheError(f"{path}: field 'name' must be a plain name, got {name!r}")
+    problem = plain_name_problem(name)
+    if problem:
+        raise FeatcacheError(f"{path}: field 'name' must be a plain name ({problem}), got {name!r}")
     return Pipeline(Path(path), name, raw)
 
 
@@ -103,6 +119,9 @@ def load_manifest(path) -> dict[str, dict]:
         raise FeatcacheError(f"{path}: field 'datasets' must be a mapping of dataset name to entry")
     for name, entry in datasets.items():
         where = f"{path}: dataset {name!r}"
+        problem = plain_name_problem(name)
+        if problem:  # a split of this name becomes the cache group /splits/<name>
+            raise FeatcacheError(f"{where}: a dataset name must be a plain name ({problem})")
         if not isinstance(entry, dict):
             raise FeatcacheError(f"{where}: must be a mapping")
         if entry.get("role") not in MANIFEST_ROLES:

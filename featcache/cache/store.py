@@ -74,6 +74,7 @@ class H5Store(Store):
         import h5py
 
         self.path = str(path)
+        self._writing: dict = {}
         try:
             # Readers lock "best effort": a cache shared on a read-only or lock-less file system still opens.
             self._file = h5py.File(self.path, mode, locking="best-effort" if mode == "r" else True)
@@ -106,6 +107,7 @@ class H5Store(Store):
         self._file.require_group(node)
 
     def delete(self, node):
+        self._writing = {k: v for k, v in self._writing.items() if k != node and not k.startswith(node + "/")}
         if node in self._file:
             del self._file[node]
 
@@ -124,7 +126,11 @@ class H5Store(Store):
         values = np.asarray(values)
         if values.dtype.kind == "U":
             values = values.astype(object)
-        self._file[node][start : start + len(values)] = values
+        # Datasets written to stay open: one closed after each write would flush its chunk cache
+        # as it goes, and a flush that fails (a full disk) is then only printed, never raised.
+        if node not in self._writing:
+            self._writing[node] = self._file[node]
+        self._writing[node][start : start + len(values)] = values
 
     def read(self, node, rows=slice(None)):
         ds = self._file[node]
@@ -150,6 +156,7 @@ class H5Store(Store):
         self._file.flush()
 
     def close(self):
+        self._writing = {}
         if self._file.id.valid:
             self._file.close()
 

@@ -3,15 +3,22 @@
 Everything is written to `<path>.partial` first; each split carries `rows_written` (advanced only
 after its rows are flushed) and `complete` (set only after every row is written and checked).
 `finish` stamps the fingerprint and renames the partial into place, atomically. Running the same
-extraction again finds the partial and resumes it from the last flushed chunk.
+extraction again finds the partial and resumes it from the last flushed chunk, when the partial's
+resume key (everything that shapes its numbers) equals the new run's; otherwise it starts afresh.
+
+While a writer is open it holds an exclusive lock on `<path>.lock`, so a second writer to the same
+output is refused instead of deleting or mixing into the first one's partial.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -85,13 +92,106 @@ class SplitWriter:
         self.complete = True
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is a write that failed for want of space (or quota). h5py reports HDF5's failed
+    writes as RuntimeError or OSError whose text carries the C errno; Python's own as OSError."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc)
+        return any(f"errno = {code}," in text for code in (errno.ENOSPC, errno.EDQUOT)) \
+            or "No space left on device" in text or "Disk quota exceeded" in text
+    return False
+
+
+def lock_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+class OutputLock:
+    """An exclusive `flock` on `<output>.lock`, which holds a line naming its holder.
+
+    The kernel drops a flock when its holder exits, however it exits, so a killed writer never
+    leaves the output locked. The holder removes the file before letting go; an opener that locked
+    a file removed meanwhile finds that the path no longer leads to its inode, and tries again.
+    """
+
+    def __init__(self, output: Path):
+        self.output, self.path, self.fd = output, lock_path(output), None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+                os.close(fd)
+                raise FeatcacheError(f"{self.output}: in use by another featcache process writing it ({holder}; "
+                                     f"lock {self.path}); wait for it to finish or stop it, then run again") from None
+            except OSError:  # a file system without flock (some network mounts): go on unlocked
+                self.fd = fd
+                return
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
+            except OSError:
+                pass  # a full disk: the lock itself still holds
+            self.fd = fd
+            return
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still held, so no one locks this inode after us
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+# HDF5 stores whose write failed, kept referenced so they are never closed: closing (or garbage
+# collecting) an HDF5 file after a failed write crashes the interpreter; the CLI ends with os._exit.
+_ABANDONED: list = []
+
+
+def _difference(old, new, where: str = "") -> str | None:
+    """The first place where two JSON values differ, as 'where: was X, now Y'; None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            inner = f"{where}.{key}" if where else str(key)
+            if key not in old or key not in new:
+                return f"{inner}: was {json.dumps(old.get(key))}, now {json.dumps(new.get(key))}"
+            found = _difference(old[key], new[key], inner)
+            if found:
+                return found
+        return None
+    if old != new:
+        return f"{where}: was {json.dumps(old)}, now {json.dumps(new)}"
+    return None
+
+
 class CacheWriter:
-    """Creates or resumes `<path>.partial`, and finally renames it to `path`."""
+    """Creates or resumes `<path>.partial`, and finally renames it to `path`.
+
+    Holds the output's lock (OutputLock) from construction until `close`.
+    """
 
     def __init__(self, path, *, overwrite: bool = False):
         self.path = Path(path)
         self.fmt = format_of(self.path)
         self.partial = partial_path(self.path)
+        self.overwrite = overwrite
         if self.path.exists() and not overwrite:
             raise FeatcacheError(f"{self.path}: already exists; pass --overwrite to replace it")
         parent = self.path.parent
@@ -102,24 +202,40 @@ class CacheWriter:
         if not os.access(parent, os.W_OK):
             raise FeatcacheError(f"{parent}: output directory is not writable")
         self.store: Store | None = None
+        self.restart_reason: str | None = None
+        self.lock = OutputLock(self.path)
+        self.lock.acquire()  # last: nothing above can fail while holding it
 
-    def open(self, root_attrs: dict, weight: np.ndarray, bias: np.ndarray) -> bool:
-        """Open the partial, resuming it when it was started with the same head; True if resumed."""
+    def open(self, root_attrs: dict, weight: np.ndarray, bias: np.ndarray, resume_key: dict | None = None) -> bool:
+        """Open the partial, resuming it when it was begun under the same `resume_key` (and head);
+        True if resumed. When a partial is discarded instead, `restart_reason` says why.
+
+        `resume_key` is a JSON-able dict of everything that shapes the numbers; it is stored in
+        the partial's root attribute `resume_key`.
+        """
+        self.restart_reason = None
         if self.partial.exists():
-            try:
-                store = open_store(self.partial, "r+", fmt=self.fmt)
-                same = store.has("/head/weight") and np.array_equal(store.read("/head/weight"), weight) \
-                    and np.array_equal(store.read("/head/bias"), bias) \
-                    and store.attrs("/").get("checkpoint_sha256") == root_attrs.get("checkpoint_sha256")
-                if same:
-                    self.store = store
-                    return True
-                store.close()
-            except FeatcacheError:
-                pass  # an unreadable leftover (killed while creating it): start again
+            store, reason = None, "--overwrite starts afresh" if self.overwrite else None
+            if reason is None:
+                try:
+                    store = open_store(self.partial, "r+", fmt=self.fmt)
+                    reason = self._refusal(store, weight, bias, root_attrs, resume_key)
+                except Exception as exc:  # any failure to read it: damaged by a failed write or a kill
+                    reason = f"it cannot be read ({_first_line(exc)}); a failed write may have damaged it"
+            if reason is None:
+                self.store = store
+                return True
+            if store is not None:
+                try:
+                    store.close()
+                except Exception:
+                    pass  # damaged: it is removed next
+            self.restart_reason = reason
             _remove(self.partial)
         self.store = open_store(self.partial, "w", fmt=self.fmt)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if resume_key is not None:
+            root_attrs = {**root_attrs, "resume_key": json.dumps(resume_key, sort_keys=True, default=str)}
         self.store.set_attrs("/", **{"created_utc": created, **root_attrs, "schema": SCHEMA, "fingerprint": ""})
         self.store.create_group("/head")
         for name, values in (("weight", weight), ("bias", bias)):
@@ -175,9 +291,45 @@ class CacheWriter:
             os.replace(self.partial, self.path)
         return self.path
 
-    def close(self):
+    @staticmethod
+    def _refusal(store: Store, weight, bias, root_attrs: dict, resume_key: dict | None) -> str | None:
+        """Why the partial in `store` cannot be resumed, or None."""
+        attrs = store.attrs("/")
+        if attrs.get("schema") != SCHEMA:
+            return f"it was begun under cache schema {attrs.get('schema')!r}, this featcache writes {SCHEMA!r}"
+        if resume_key is not None:
+            stored = attrs.get("resume_key")
+            if not stored:
+                return "it records no resume key (begun by an older featcache)"
+            found = _difference(json.loads(stored), json.loads(json.dumps(resume_key, default=str)))
+            if found:
+                return f"what shapes its numbers changed since it was begun: {found}"
+        if attrs.get("checkpoint_sha256") != root_attrs.get("checkpoint_sha256"):
+            return "it was begun with another checkpoint"
+        if not (store.has("/head/weight") and np.array_equal(store.read("/head/weight"), weight)
+                and np.array_equal(store.read("/head/bias"), bias)):
+            return "it was begun with another head"
+        return None
+
+    def abandon(self) -> None:
+        """After a write failed for want of space: never touch the store again, and remove the
+        partial, whose metadata the failed write may have damaged (HDF5 keeps it in the file)."""
         if self.store is not None:
-            self.store.close()
+            _ABANDONED.append(self.store)
+            self.store = None
+        _remove(self.partial)
+
+    def close(self):
+        try:
+            if self.store is not None:
+                self.store.close()
+        finally:
+            self.lock.release()
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _remove(path: Path):

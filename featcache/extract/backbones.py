@@ -174,18 +174,42 @@ def state_dict_sha256(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(model: nn.Module, path) -> nn.Module:
-    """Load a state_dict (or a whole pickled model) into `model`, naming any missing or unexpected keys."""
+def load_checkpoint(model: nn.Module, path, trust: bool = False) -> nn.Module:
+    """Load a state_dict (or, with `trust`, a whole pickled model) into `model`, naming any missing
+    or unexpected keys.
+
+    Checkpoints are read with `torch.load(weights_only=True)`, which admits tensors and plain
+    containers only. Anything else needs full unpickling, and unpickling a shared file runs whatever
+    code it names; that is done only when the user opts in (`trust`).
+    """
+    import pickle
+    import re
+
     path = Path(path)
     if not path.exists():
         raise FeatcacheError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except pickle.UnpicklingError as exc:
+        # torch's "Weights only load failed" names the first global it refused; without one, the
+        # file is simply not a checkpoint
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not refused:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+            raise FeatcacheError(f"{path}: not a readable torch checkpoint ({detail})") from None
+        if not trust:
+            raise FeatcacheError(
+                f"{path}: refused: this checkpoint is not plain weights (it names {refused.group(1)}) and would "
+                "need full unpickling, which runs any code the file names; if you trust its origin, set "
+                "`backbone.trust_checkpoint: true` in the pipeline or pass `featcache extract --trust-checkpoint`, "
+                "or save a state_dict instead") from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise FeatcacheError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+        except Exception as exc2:
+            raise FeatcacheError(f"{path}: not a readable torch checkpoint ({_first_line(exc2)})") from None
+    except Exception as exc:
+        raise FeatcacheError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -210,6 +234,11 @@ def load_checkpoint(model: nn.Module, path) -> nn.Module:
                              f"{tuple(obj[k].shape)}, the model needs {tuple(own[k].shape)}")
     model.load_state_dict(obj)
     return model
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _few(keys, n=3):

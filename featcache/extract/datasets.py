@@ -268,6 +268,38 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
     return images, labels, ids
 
 
+def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = ()) -> dict:
+    """Manifest entry `name` as extraction applies it: {role, source, transform, size} with every
+    default written out (generator arguments from the generator's signature, the identity
+    normalisation, transform presets, CIFAR part and list root), and for a corruption the resolved
+    entry it corrupts (`of_entry`). Two entries that can give different images resolve differently.
+    """
+    import inspect
+
+    entry = manifest_entry(manifest, name, manifest_path)
+    where = f"{manifest_path}: dataset {name!r}"
+    source, transform = dict(entry["source"]), dict(entry.get("transform") or {})
+    if "path" in source:
+        from featcache.extract.files import resolve_source, resolve_transform
+
+        return {"role": entry["role"], "source": resolve_source(source),
+                "transform": resolve_transform(transform, where), "size": entry.get("size")}
+    generator = source.get("generator")
+    if generator == "corrupt":
+        if name in _seen:
+            raise FeatcacheError(f"{where}: corrupts itself (through {' -> '.join(_seen + (name,))})")
+        source.setdefault("severity", 3)
+        source.setdefault("seed", 0)
+        source["of_entry"] = resolved_entry(source.get("of", ""), manifest, manifest_path, _seen + (name,))
+    elif generator in GENERATORS:
+        for param in inspect.signature(GENERATORS[generator]).parameters.values():
+            if param.default is not inspect.Parameter.empty:
+                source.setdefault(param.name, param.default)
+    transform.setdefault("normalize", {"mean": [0.0], "std": [1.0]})  # what normalise() does without one
+    return {"role": entry["role"], "source": source, "transform": transform,
+            "size": entry.get("size", source.get("n"))}
+
+
 def load_dataset(name: str, manifest: dict, manifest_path):
     """Manifest entry `name`, transformed, its declared size checked: an ImageSet (generated, in
     memory) or a FileImages (read from files on access, see featcache.extract.files)."""

@@ -15,7 +15,7 @@ Preprocessing (`transform:` in the manifest):
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -28,16 +28,71 @@ PRESETS = {
 }
 
 
-def build_transform(spec: dict, where: str):
-    """A torchvision transform from a manifest `transform:` entry."""
-    from torchvision import transforms as T
-
+def resolve_transform(spec: dict, where: str) -> dict:
+    """A manifest `transform:` entry with its preset expanded (explicit keys win over the preset's)."""
     spec = dict(spec or {})
     if "preset" in spec:
         preset = spec.pop("preset")
         if preset not in PRESETS:
             raise FeatcacheError(f"{where}: unknown transform preset {preset!r}; one of {', '.join(PRESETS)}")
         spec = {**PRESETS[preset], **spec}
+    return spec
+
+
+def resolve_source(source: dict) -> dict:
+    """A file `source:` with the defaults load_files applies written out (CIFAR part, list root)."""
+    source = dict(source)
+    if source.get("format") in ("cifar10", "cifar100"):
+        source.setdefault("part", "test")
+    if source.get("format") == "list":
+        source.setdefault("root", str(Path(source["path"]).parent))
+    return source
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR python batch and nothing else: a pickle can name any callable, and loading
+    it calls that callable, so only what the batches hold is admitted (dicts, lists, strings,
+    numbers, and numpy arrays rebuilt by numpy's own reconstructors)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),  # numpy integers as labels
+        ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        if module.startswith("numpy.core."):  # numpy 2 moved numpy.core to numpy._core
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        return super().find_class(module, name)
+
+
+def load_cifar_batch(batch_file: Path, where: str) -> dict:
+    """One CIFAR python batch (a pickled dict with 'data' and 'labels' or 'fine_labels'), read with
+    CifarUnpickler."""
+    try:
+        with open(batch_file, "rb") as fh:
+            batch = CifarUnpickler(fh, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise FeatcacheError(f"{where}: {batch_file} is not a CIFAR python batch ({exc}); refused, because "
+                             "unpickling it could run code") from None
+    except Exception as exc:  # truncated or not a pickle at all
+        raise FeatcacheError(f"{where}: {batch_file} is not a readable CIFAR python batch "
+                             f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(batch, dict) or "data" not in batch or not ("labels" in batch or "fine_labels" in batch):
+        raise FeatcacheError(f"{where}: {batch_file} is not a CIFAR python batch (expected a dict with 'data' "
+                             "and 'labels' or 'fine_labels')")
+    return batch
+
+
+def build_transform(spec: dict, where: str):
+    """A torchvision transform from a manifest `transform:` entry."""
+    from torchvision import transforms as T
+
+    spec = resolve_transform(spec, where)
     steps = []
     if spec.get("resize"):
         steps.append(T.Resize(int(spec["resize"]), interpolation=T.InterpolationMode.BILINEAR, antialias=True))
@@ -126,6 +181,10 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str) -> Fil
                 rel, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
             except ValueError:
                 raise FeatcacheError(f"{path}:{number}: expected 'path label', got {line!r}") from None
+            if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts:
+                # the path is also the sample's id: it must name a file under root, nowhere else
+                raise FeatcacheError(f"{path}:{number}: image path {rel!r} must be relative to {root} and "
+                                     "stay under it (not absolute, no '..')")
             items.append(root / rel)
             labels.append(label if labelled else -1)
             ids.append(rel)
@@ -138,8 +197,7 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str) -> Fil
             batch_file = path / name
             if not batch_file.exists():
                 raise FeatcacheError(f"{where}: {batch_file} not found (expected the CIFAR python batches)")
-            with open(batch_file, "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
+            batch = load_cifar_batch(batch_file, where)
             arrays.append(np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
         arrays = np.concatenate(arrays)

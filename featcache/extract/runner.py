@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,9 @@ from torch import nn
 
 import featcache
 from featcache.cache.verify import check_logits
-from featcache.cache.writer import CacheWriter, fingerprint
+from featcache.cache.writer import CacheWriter, fingerprint, is_disk_full
 from featcache.config import Pipeline, load_manifest, manifest_entry
-from featcache.errors import FeatcacheError
+from featcache.errors import DiskFull, FeatcacheError
 from featcache.extract.backbones import (
     accuracy,
     backbone_label,
@@ -24,16 +26,21 @@ from featcache.extract.backbones import (
     state_dict_sha256,
     train_classifier,
 )
-from featcache.extract.datasets import ImageSet, load_dataset
+from featcache.extract.datasets import ImageSet, load_dataset, resolved_entry
 from featcache.extract.layers import Layers, find_layers
 
-def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) -> tuple[nn.Module, str]:
+def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True,
+                     trust: bool = False) -> tuple[nn.Module, str]:
     """The pipeline's model in eval mode with its weights, and the sha256 identifying them.
 
     A missing checkpoint is trained in the repo when the pipeline says how (`backbone.train`),
-    then kept with a `.sha256` file beside it and reused on later runs.
+    then kept with a `.sha256` file beside it and reused on later runs. A checkpoint that needs full
+    unpickling is loaded only with `trust` or `backbone.trust_checkpoint: true` (see load_checkpoint).
     """
     spec = pipeline.backbone
+    trusted = spec.get("trust_checkpoint", False)
+    if not isinstance(trusted, bool):
+        raise FeatcacheError(f"{pipeline.path}: field 'backbone.trust_checkpoint' must be true or false, got {trusted!r}")
     # Seeded before construction: initial weights decide both random backbones and trained ones.
     torch.manual_seed(int(spec.get("seed", (spec.get("train") or {}).get("seed", 0))))
     model = build_backbone(spec)
@@ -66,7 +73,7 @@ def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True) 
     if sidecar.exists() and sidecar.read_text().split()[0] != sha:
         raise FeatcacheError(f"{checkpoint}: sha256 does not match {sidecar.name}; the checkpoint changed "
                              "(delete both to retrain)")
-    load_checkpoint(model, checkpoint)
+    load_checkpoint(model, checkpoint, trust=trust or trusted)
     return model.eval(), sha
 
 
@@ -87,6 +94,8 @@ class FeatureExtractor:
         if amp not in (None, *AMP_DTYPES):
             raise FeatcacheError(f"extract.amp must be one of {', '.join(AMP_DTYPES)} or empty, got {amp!r}")
         self.layers, self.device, self.amp = layers, torch.device(device), amp
+        self.precision = amp or "float32"
+        self.prepool_hw: tuple[int, int] | None = None  # the pre-pool map's spatial size, once seen
         self.head = dict(model.named_modules())[layers.head]
         self.weight = self.head.weight.detach().cpu().numpy().astype(np.float32)
         self.bias = (self.head.bias.detach().cpu().numpy() if self.head.bias is not None
@@ -103,6 +112,7 @@ class FeatureExtractor:
         prepool = out["prepool"].float()
         if prepool.ndim != 4:
             raise FeatcacheError(f"pre-pool node {self.layers.prepool!r} gives shape {tuple(prepool.shape)}, not (N, C, H, W)")
+        self.prepool_hw = tuple(prepool.shape[2:])
         features = out["features"].flatten(1).float()
         logits = self.head(features) if self.amp else out["logits"]
         return {
@@ -173,8 +183,14 @@ def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
 
 def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
             batch_size: int | None = None, progress: bool = True, timings: dict | None = None,
-            shard: tuple[int, int] | None = None, device: str | None = None, amp: str | None = None) -> Path:
+            shard: tuple[int, int] | None = None, device: str | None = None, amp: str | None = None,
+            trust_checkpoint: bool = False) -> Path:
     """Write (or resume) the pipeline's cache; returns its path.
+
+    A `<cache>.partial` left by an interrupted run is resumed only when its resume key, everything
+    that shapes the numbers (each split's resolved manifest entry, checkpoint digest, layers, batch
+    size, precision, device, featcache and torch versions, shard), equals this run's; otherwise it
+    is discarded with a message naming what changed. `overwrite` always starts afresh.
 
     With `shard` = (i, n), only the i-th of n near-equal runs of whole batches of every split is
     extracted, into a cache that `featcache merge` joins with the other shards.
@@ -182,15 +198,26 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     `timings`, if given, receives per split {"n", "load_s", "extract_s"}: seconds spent building the
     data set, and running the backbone and writing.
     """
+    out = Path(out) if out else pipeline.cache
+    manifest = load_manifest(pipeline.manifest_path)
+    entries = validate_splits(pipeline, manifest)
+    resolved = {e["name"]: resolved_entry(e["name"], manifest, pipeline.manifest_path) for e in entries}
+    # refuses an existing output, or one another extraction is writing, before any work
+    writer = CacheWriter(out, overwrite=overwrite)
+    try:
+        return _extract(pipeline, manifest, entries, resolved, writer, batch_size=batch_size, progress=progress,
+                        timings=timings, shard=shard, device=device, amp=amp, trust_checkpoint=trust_checkpoint)
+    finally:
+        writer.close()
+
+
+def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progress, timings, shard, device,
+             amp, trust_checkpoint) -> Path:
     import time
 
     from tqdm import tqdm
 
-    out = Path(out) if out else pipeline.cache
-    manifest = load_manifest(pipeline.manifest_path)
-    entries = validate_splits(pipeline, manifest)
-    writer = CacheWriter(out, overwrite=overwrite)  # refuses an existing output before any work
-    model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress)
+    model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress, trust=trust_checkpoint)
     spec = pipeline.backbone
     layers = find_layers(model, spec.get("feature_layer"), spec.get("prepool_layer"))
     options = pipeline.extract
@@ -200,26 +227,39 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     extractor = FeatureExtractor(model, layers, device=device, amp=amp if amp is not None else options.get("amp"))
     batch_size = int(batch_size or options.get("batch_size", 256))
     workers = int(options.get("workers", 0))
-    preprocessing = {e["name"]: {"source": e["source"], "transform": e["transform"]} for e in entries}
+    preprocessing = {name: {k: v for k, v in entry.items() if k != "role"} for name, entry in resolved.items()}
     first = first_image(load_dataset(entries[0]["name"], manifest, pipeline.manifest_path))
     root_attrs = dict(
         featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=backbone_label(spec),
         checkpoint_sha256=checkpoint_sha, feature_layer=layers.feature, prepool_layer=layers.prepool,
-        prepool_size=prepool_size(extractor, first),
+        prepool_size=prepool_size(extractor, first), precision=extractor.precision,
+        device=device_description(extractor.device),
         preprocessing=json.dumps(preprocessing, sort_keys=True),
     )
     if shard is not None:
         root_attrs["shard"] = f"{shard[0]}/{shard[1]}"
-    resumed = writer.open(root_attrs, extractor.weight, extractor.bias)
-    if resumed and progress:
-        print(f"resuming {writer.partial}")
-    split_ids = {}
+    resume_key = {key: root_attrs[key] for key in (
+        "featcache_version", "torch_version", "backbone", "checkpoint_sha256", "feature_layer", "prepool_layer",
+        "precision", "device")}
+    resume_key |= {"batch_size": batch_size, "shard": root_attrs.get("shard"),
+                   "splits": {name: _with_locations(entry) for name, entry in resolved.items()}}
+    room = Room(writer, entries, extractor, batch_size)
     try:
+        room.check(room.head_bytes)
+        resumed = writer.open(root_attrs, extractor.weight, extractor.bias, resume_key=resume_key)
+        if writer.restart_reason:
+            print(f"not resuming {writer.partial}: {writer.restart_reason}; starting afresh")
+        if resumed and progress:
+            print(f"resuming {writer.partial}")
+        split_ids = {}
         for entry in entries:
             name = entry["name"]
             t0 = time.perf_counter()
             data = load_dataset(name, manifest, pipeline.manifest_path)
+            check_ids(data.ids, f"{pipeline.manifest_path}: dataset {name!r}")
             probe = extractor(first_image(data))  # sizes the arrays, even for a shard with no rows
+            if "prepool_size" not in writer.store.attrs("/"):
+                writer.store.set_attrs("/", prepool_size="x".join(map(str, extractor.prepool_hw)))
             extra = {}
             if shard is not None:
                 # Shard boundaries fall on whole batches, so every batch holds the same rows as in a
@@ -235,6 +275,12 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
             if entry["role"] == "pseudo_ood":
                 extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
             split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
+            if not _same_ids(writer, split, data):
+                # the partial's rows of this split came from other samples (files added, removed or
+                # renamed since): they are extracted again
+                writer.store.delete(split.group)
+                split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
+            room.plan(split, data.ids, probe)
             if split.complete:
                 continue
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
@@ -247,15 +293,197 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
                              f"split {name!r} rows {start}-{stop}")
                 batch["labels"] = data.labels[start:stop]
                 batch["ids"] = data.ids[start:stop]
+                # chunks are whole multiples of an append, so an append begins at most one new chunk
+                # of every array: allocated whole (HDF5), or written anew before the old one goes (Zarr)
+                room.check(room.chunk_bytes)
                 split.append(batch)
+                room.wrote(name, stop - start)
                 bar.update(stop - start)
             bar.close()
+            room.check(0)
             split.finish()
             if timings is not None:
                 timings[name] = {"n": len(data), "load_s": t1 - t0, "extract_s": time.perf_counter() - t1}
+        room.check(0)
         return writer.finish(fingerprint(extractor.weight, extractor.bias, preprocessing, split_ids))
-    finally:
-        writer.close()
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise room.full(exc) from None
+
+
+def device_description(device: torch.device) -> str:
+    """'cpu', or 'cuda (<device name>)': what the numbers were computed on (the index does not matter)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def _with_locations(entry: dict) -> dict:
+    """A resolved entry with its file locations made absolute, for the resume key: the same relative
+    path run from another directory names other files."""
+    source = entry["source"]
+    if "path" in source:
+        source = {**source, "abspath": os.path.abspath(source["path"])}
+        if "root" in source:
+            source["absroot"] = os.path.abspath(source["root"])
+    if "of_entry" in source:
+        source = {**source, "of_entry": _with_locations(source["of_entry"])}
+    return {**entry, "source": source}
+
+
+# A sample id is kept as given (relative file paths contain '/'), but it is never a way out: no
+# control character (ids are hashed joined by newlines), not empty, not absolute, no '.' or '..' part.
+_BAD_ID = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]|^$|^/|(?:^|/)\.\.?(?:/|$)", re.MULTILINE)
+
+
+def check_ids(ids, where: str) -> None:
+    """Refuse sample ids that are not plain relative names (see _BAD_ID), naming the first one."""
+    if len(ids) == 0:
+        return
+    text = "\n".join(map(str, ids))
+    if text.count("\n") == len(ids) - 1 and not _BAD_ID.search(text):
+        return  # the fast path: one scan over all ids
+    for i, value in enumerate(map(str, ids)):
+        if "\n" in value or _BAD_ID.search(value):
+            raise FeatcacheError(f"{where}: sample {i} has id {value!r}; a sample id must be a relative name "
+                                 "without control characters, '.' or '..' parts, and not absolute")
+
+
+def _same_ids(writer: CacheWriter, split, data) -> bool:
+    """Whether the rows a resumed split already holds came from the samples now in `data`."""
+    done = split.n if split.complete else split.rows_written
+    if not done:
+        return True
+    stored = writer.store.read(f"{split.group}/ids", slice(0, done))
+    if np.array_equal(stored, np.asarray(data.ids[:done], dtype=str)):
+        return True
+    row = int(np.flatnonzero(stored != np.asarray(data.ids[:done], dtype=str))[0])
+    print(f"{writer.partial}: split {split.name!r} row {row} holds sample {str(stored[row])!r}, the data set now "
+          f"has {str(data.ids[row])!r}; extracting this split again")
+    return False
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+class Room:
+    """Free space for the cache, checked before every write, and what the rest of it needs.
+
+    Stopping before the disk is full leaves a partial that closes cleanly and resumes; a write that
+    fails for want of space anyway (another process filled the disk) is reported by `full`. The
+    estimate counts, per split, whole chunks (the last one is allocated whole too) of float32
+    features, chan_max, chan_mean (not on disk twice when HDF5 links it to features), logits, int64
+    labels, and ids (a 16-byte reference plus the string and its 16-byte heap header).
+    """
+
+    SLACK = 1 << 20  # metadata written when splits are finished and the file is closed
+
+    def __init__(self, writer: CacheWriter, entries: list, extractor, batch_size: int):
+        self.writer, self.batch_size = writer, batch_size
+        # HDF5 stores chunks as they are (edge chunks whole); Zarr compresses them, so takes less
+        self.about = "about" if writer.fmt == "h5" else "up to"
+        k, d = extractor.weight.shape
+        self.head_bytes = 4 * k * (d + 1)
+        # array -> (row width the chunk layout is computed from, bytes per row on disk); until a
+        # probe gives the channel count C, ResNets' C = D stands in
+        self.widths = self._widths(d, d, k, linked=False, id_chars=32)
+        self.chunk_bytes = 0
+        self.declared = {e["name"]: e.get("size") for e in entries}
+        self.splits: dict[str, list[int]] = {}  # name -> [n, rows written]
+
+    @staticmethod
+    def _widths(d, c, k, linked, id_chars) -> dict:
+        return {"features": (4 * d, 4 * d), "chan_max": (4 * c, 4 * c), "chan_mean": (4 * c, 0 if linked else 4 * c),
+                "logits": (4 * k, 4 * k), "labels": (8, 8), "ids": (64, 32 + id_chars)}
+
+    def _chunks(self, n: int) -> dict:
+        """array -> rows per chunk, as CacheWriter.split lays them out for a split of n rows."""
+        from featcache.cache.store import row_chunks
+
+        return {key: row_chunks((max(n, 1),), basis, multiple_of=self.batch_size)[0]
+                for key, (basis, _) in self.widths.items()}
+
+    def _bytes(self, n: int, written: int) -> int:
+        """Bytes a split of n rows with `written` rows on disk still takes: the chunks not yet begun."""
+        total = 0
+        for key, rows in self._chunks(n).items():
+            total += (-(-n // rows) - -(-written // rows)) * rows * self.widths[key][1]
+        return total
+
+    def plan(self, split, ids, probe) -> None:
+        """Split `split` is about to be written: its row widths, chunk sizes and rows written."""
+        c, d, k = probe["chan_max"].shape[1], probe["features"].shape[1], probe["logits"].shape[1]
+        id_chars = max((len(str(i).encode()) for i in ids), default=0)
+        self.widths = self._widths(d, c, k, split.chan_mean_linked, id_chars)
+        self.chunk_bytes = sum(rows * self.widths[key][1] for key, rows in self._chunks(split.n).items())  # one of each
+        self.splits[split.name] = [split.n, split.n if split.complete else split.rows_written]
+
+    def wrote(self, name: str, rows: int) -> None:
+        self.splits[name][1] += rows
+
+    def needed(self) -> tuple[int, bool]:
+        """(bytes still to write, whether some split's size is unknown so it is more)."""
+        total, unknown = sum(self._bytes(n, written) for n, written in self.splits.values()), False
+        for name, size in self.declared.items():
+            if name not in self.splits:
+                if size is None:
+                    unknown = True
+                else:
+                    total += self._bytes(size, 0)
+        extra = self.head_bytes if self.writer.store is None else 0
+        return total + extra + self.SLACK, unknown
+
+    def free(self) -> int | None:
+        try:
+            usage = shutil.disk_usage(self.writer.path.parent)
+        except OSError:
+            return None
+        return usage.free if usage.total > 0 else None  # some virtual file systems report nothing
+
+    def check(self, nbytes: int) -> None:
+        """Stop, cleanly and resumably, when the next write of `nbytes` might not fit (slack for
+        metadata included) and neither would the rest of the cache."""
+        free = self.free()
+        if free is None:
+            return
+        need, unknown = self.needed()
+        if free >= min(nbytes + self.SLACK, need):
+            return
+        raise FeatcacheError(f"{self.writer.partial}: the disk is nearly full ({_mib(free)} free); {self.about} "
+                             f"{_mib(need)}{' or more' if unknown else ''} are needed for the rest of the cache; "
+                             "free some space and run the same command again to resume")
+
+    def full(self, exc: BaseException) -> FeatcacheError:
+        """The one-line error for a write that failed for want of space."""
+        need, unknown = self.needed()
+        more = " or more" if unknown else ""
+        if self.writer.fmt == "h5":
+            # HDF5 may have left the file's metadata half written: the partial cannot be trusted. Its
+            # space comes back when this process ends (HDF5 keeps the file open, see abandon).
+            size = _size(self.writer.partial)
+            self.writer.abandon()
+            free = (self.free() or 0) + size
+            return DiskFull(f"{self.writer.partial}: the disk filled up while writing it (No space left on "
+                            f"device); the partial was removed, because a failed HDF5 write can damage it; about "
+                            f"{_mib(need + self._written())}{more} are needed for the whole cache, "
+                            f"{_mib(free)} are free without the partial; free some space and run the same "
+                            "command again", abandoned=True)
+        free = self.free()
+        return DiskFull(f"{self.writer.partial}: the disk filled up while writing it (No space left on device); "
+                        f"{self.about} {_mib(need)}{more} more are needed ({_mib(free or 0)} free now); free some space "
+                        "and run the same command again to resume")
+
+    def _written(self) -> int:
+        """Bytes of the rows already written, which a restart writes again."""
+        return sum(self._bytes(n, 0) - self._bytes(n, written) for n, written in self.splits.values())
 
 
 def _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size):

@@ -30,6 +30,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+DEFINITIONS = "react-util-metrics"  # progress stores reuse only rows computed with these definitions
 ID_REJECTED = 0.05  # get_curve's 0.05 * num_k: the ID share below the 95%-TPR threshold
 
 

@@ -6,12 +6,15 @@ import json
 import os
 from pathlib import Path
 
+from featcache.metrics import DEFINITIONS
+
 
 class ProgressStore:
     """Finished configurations of a sweep, one JSON line each, keyed by cache fingerprint.
 
     Lets an interrupted or extended sweep compute only what is missing. Lines written for another
-    fingerprint are never used: a store made for another cache is started afresh.
+    fingerprint, or with other metric definitions (featcache.metrics.DEFINITIONS), are never used: a
+    store made for another cache, or by an older featcache, is started afresh.
     """
 
     def __init__(self, results_csv: Path, fingerprint: str):
@@ -25,7 +28,7 @@ class ProgressStore:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a kill: that configuration is simply redone
-                if entry.get("fingerprint") == fingerprint:
+                if entry.get("fingerprint") == fingerprint and entry.get("metrics") == DEFINITIONS:
                     self.done[(entry["method"], entry["params"])] = entry["rows"]
                     if entry.get("nonpositive") is not None:
                         self.nonpositive[(entry["method"], entry["params"])] = entry["nonpositive"]
@@ -44,7 +47,7 @@ class ProgressStore:
         with open(self.path, "a") as fh:
             for (method, params), config_rows in by_config.items():
                 extra = {"nonpositive": counts[(method, params)]} if (method, params) in counts else {}
-                fh.write(json.dumps({"fingerprint": self.fingerprint, "method": method, "params": params,
+                fh.write(json.dumps({"fingerprint": self.fingerprint, "metrics": DEFINITIONS, "method": method, "params": params,
                                      **each, **extra, "rows": config_rows}) + "\n")
                 self.done[(method, params)] = config_rows
                 if extra:

@@ -138,3 +138,19 @@ def test_ood_positive_fpr95_matches_sklearn_roc_as_openood_v15_calls_it():
     labels = np.r_[np.zeros(len(ID)), np.ones(len(OOD))]  # OpenOOD v1.5: ood_indicator
     fpr_list, tpr_list, _ = roc_curve(labels, -np.r_[ID, OOD])
     assert fpr_list[np.argmax(tpr_list >= 0.95)] == ood_positive_fpr95(ID, OOD)
+
+
+def test_progress_rows_of_older_metric_definitions_are_not_reused(tmp_path):
+    import json
+
+    from featcache.progress import ProgressStore
+
+    out = tmp_path / "sweep.csv"
+    row = {"method": "energy", "params": '{"T": 1}', "ood": "mean", "fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0,
+           "aupr_out": 1.0, "id_acc": 1.0}
+    # a line written before the metrics followed the reference code: same cache, other definitions
+    old = {"fingerprint": "a" * 64, "method": "energy", "params": '{"T": 1}', "rows": [row]}
+    (tmp_path / ".sweep.csv.progress.jsonl").write_text(json.dumps(old) + "\n")
+    assert not ProgressStore(out, "a" * 64).done
+    ProgressStore(out, "a" * 64).add([row])
+    assert ProgressStore(out, "a" * 64).done

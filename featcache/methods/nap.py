@@ -41,10 +41,9 @@ from featcache.methods.kernels import row_reduce
 from featcache.methods.registry import BENCHMARKS, Method, every_benchmark, register
 
 NAP_EPS = 1.0
-FORMS = ("paper", "exp")
 LOG_TINY = float(np.log(np.nextafter(0.0, 1.0)))  # -744.44: no log of a positive float64 is lower
-ZERO_PRODUCT = -746.0  # S_X > 0, S_NAP = 0
-NONPOSITIVE_TOP = -747.0  # S_X <= 0: NONPOSITIVE_TOP + S_X
+ZERO_PRODUCT = float(np.floor(LOG_TINY) - 1)  # -746: S_X > 0, S_NAP = 0
+NONPOSITIVE_TOP = ZERO_PRODUCT - 1  # -747: S_X <= 0 scores NONPOSITIVE_TOP + S_X
 
 
 def nap_score(chan_max: np.ndarray, chan_mean: np.ndarray, eps: float = NAP_EPS) -> np.ndarray:

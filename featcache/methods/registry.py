@@ -24,9 +24,9 @@ from featcache.methods.params import CHECKS
 BENCHMARKS = ("cifar10", "cifar100", "imagenet")
 
 
-def check_benchmark(benchmark, where: str = "benchmark") -> str:
+def check_benchmark(benchmark) -> str:
     if benchmark not in BENCHMARKS:
-        raise FeatcacheError(f"{where} must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+        raise FeatcacheError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
     return benchmark
 
 

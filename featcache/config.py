@@ -98,6 +98,16 @@ class Pipeline:
         return sweep
 
     @property
+    def benchmark(self) -> str | None:
+        """cifar10, cifar100 or imagenet: whose paper settings `select` and `methods` show; None if unset."""
+        from featcache.methods.registry import BENCHMARKS
+
+        value = self.raw.get("benchmark")
+        if value is not None and value not in BENCHMARKS:
+            raise FeatcacheError(f"{self.path}: field 'benchmark' must be one of {', '.join(BENCHMARKS)}, got {value!r}")
+        return value
+
+    @property
     def results_dir(self) -> Path:
         return Path(self.raw.get("results", "results")) / self.name
 

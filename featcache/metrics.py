@@ -1,11 +1,26 @@
-"""OOD metrics with ID as the positive class (shared/methods.md), all from one sort of the scores.
+"""OOD metrics with ID as the positive class (shared/methods.md), all from one sort of each split's scores.
 
-- FPR95: OOD false positive rate at the first ROC point (thresholds descending over every distinct
-  score, none dropped) whose TPR on ID is >= 0.95; a sample is accepted when score >= threshold.
-- AUROC: area under the full ROC curve, equal to the Mann-Whitney statistic with ties counted half
-  (and to sklearn.metrics.roc_auc_score).
-- AUPR-In: average precision with ID positive (sklearn.metrics.average_precision_score).
-- AUPR-Out: average precision with OOD positive and the scores negated.
+Each is the one the ASH and ReAct reference code computes, `cal_metric(known, novel)` and
+`get_curve` in deeplearning-wisc/react util/metrics.py, copied unchanged by andrijazz/ash
+utils/metrics.py, so that numbers compare with the seed papers' tables (known = ID scores,
+novel = OOD scores, higher = more ID):
+
+- FPR95 (`get_curve`'s fpr_at_tpr95): threshold t = the ID scores sorted ascending at index
+  round(0.05 * n_id) (Python's round, half to even), FPR95 = fraction of OOD scores > t (strictly).
+  This accepts at least 95% of ID (score >= t) when 0.05 n_id rounds down, a little fewer when it
+  rounds up (n_id = 30: 28 of 30), and does not count OOD scores equal to t.
+- AUROC (`cal_metric`'s AUROC, -trapz(1 - fpr, tpr) over `get_curve`'s tie-corrected curve): the
+  area under the full ROC curve, equal to the Mann-Whitney statistic with ties counted half (and to
+  sklearn.metrics.roc_auc_score).
+- AUPR-In (`cal_metric`'s AUIN): precision tp / (tp + fp) against recall, trapezoids over the same
+  curve, ending at (recall 0, precision 0); not sklearn's average precision (a step sum). A perfect
+  separation of n_id samples gives 1 - 1 / (2 n_id), as in the reference.
+- AUPR-Out (`cal_metric`'s AUOUT): the same with OOD positive (samples below each threshold), from
+  (0, 0); a perfect separation gives 1 - 1 / (2 n_ood).
+The reference's curve has one point per distinct score of either split v (ascending), tp = #ID >= v,
+fp = #OOD >= v, then (0, 0); AUIN and AUOUT are sums over the ID and OOD distinct values here, so no
+joint sort is needed. Other libraries define FPR95 differently (OpenOOD v1.0's threshold, OpenOOD
+v1.5's and pytorch-ood's OOD-positive FPR95): tests/test_metrics_reference.py shows by how much.
 Values are fractions; papers print percent.
 """
 
@@ -15,7 +30,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
-TPR_LEVEL = 0.95
+DEFINITIONS = "react-util-metrics"  # progress stores reuse only rows computed with these definitions
+ID_REJECTED = 0.05  # get_curve's 0.05 * num_k: the ID share below the 95%-TPR threshold
 
 
 class SortedScores:
@@ -48,25 +64,32 @@ def ood_metrics(id_scores, ood_scores) -> dict:
     """
     ids = id_scores if isinstance(id_scores, SortedScores) else SortedScores(id_scores)
     ood = ood_scores if isinstance(ood_scores, SortedScores) else SortedScores(ood_scores)
-    # ROC over thresholds at each distinct ID value, descending: TPR steps only there
-    thresholds = ids.values[::-1]
-    tps = ids.at_least(thresholds).astype(np.float64)
-    fps = ood.at_least(thresholds).astype(np.float64)
-    # FPR95: the first threshold (descending, over ID and OOD values alike) with TPR >= 0.95. An
-    # OOD value between two ID values does not change TPR, so the first ID value reaching it decides.
-    first = int(np.argmax(tps / ids.n >= TPR_LEVEL))
-    fpr95 = float(fps[first] / ood.n)
+    # FPR95 as get_curve: threshold = known[round(0.05 * num_k)] (ascending), OOD counted when > it
+    threshold = ids.sorted[round(ID_REJECTED * ids.n)]
+    fpr95 = float((ood.n - ood.at_most(threshold)) / ood.n)
     # AUROC = P(ID > OOD) + P(ID = OOD) / 2, counted per distinct OOD value
     below = ids.n - ids.at_least(ood.values)  # ID scores strictly below each OOD value
     ties = ids.at_most(ood.values) - below
     auroc = float(np.sum(ood.counts * (ids.n - below - ties + 0.5 * ties)) / (ids.n * ood.n))
-    # AUPR-In: average precision with ID positive, thresholds at distinct ID values
-    aupr_in = float(np.sum(ids.counts[::-1] / ids.n * tps / (tps + fps)))
-    # AUPR-Out: OOD positive with scores negated, i.e. thresholds at distinct OOD values ascending
-    out_tps = ood.at_most(ood.values).astype(np.float64)
-    out_fps = ids.at_most(ood.values).astype(np.float64)
-    aupr_out = float(np.sum(ood.counts / ood.n * out_tps / (out_tps + out_fps)))
+    # AUIN: recall drops only at ID values u, by count(u) / n_id, from the point at u (tp = #ID >= u,
+    # fp = #OOD >= u) to the next one (#ID > u, #OOD > u); the trapezoid averages the two precisions
+    # (0 after the last point, the reference's closing (0, 0)).
+    aupr_in = float(np.sum(ids.counts / ids.n * (_ratio(ids.at_least(ids.values), ood.at_least(ids.values)) +
+                                                 _ratio(ids.n - ids.at_most(ids.values),
+                                                        ood.n - ood.at_most(ids.values))) / 2))
+    # AUOUT: OOD positive among the samples below each threshold; the x axis (1 - fpr) moves only at
+    # OOD values o, by count(o) / n_ood, from (#OOD < o, #ID < o) to (#OOD <= o, #ID <= o); the first
+    # point is the reference's (0, 0).
+    ood_lt, id_lt = ood.n - ood.at_least(ood.values), ids.n - ids.at_least(ood.values)
+    aupr_out = float(np.sum(ood.counts / ood.n * (_ratio(ood_lt, id_lt) +
+                                                  _ratio(ood.at_most(ood.values), ids.at_most(ood.values))) / 2))
     return {"fpr95": fpr95, "auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out}
+
+
+def _ratio(positives, negatives) -> np.ndarray:
+    """positives / (positives + negatives), 0 where both are 0 (the reference drops such points)."""
+    positives, total = np.asarray(positives, np.float64), np.asarray(positives + negatives, np.float64)
+    return np.divide(positives, total, out=np.zeros_like(total), where=total > 0)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -99,16 +99,19 @@ def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list 
     oods = cache.splits("ood")
     if not oods:
         raise FeatcacheError(f"{cache.path}: no split with role 'ood' to evaluate against")
+    def id_val():
+        return split_data(cache, cache.one_split("id_val"), width, read_clock)
+
     replay = Replay(
         head=Head(weight.astype(np.float32), bias.astype(np.float32)),
-        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock)),
+        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock), id_val=id_val),
         id_test=split_data(cache, cache.one_split("id_test"), width, read_clock),
         oods=[split_data(cache, s, width, read_clock) for s in oods],
         fingerprint=cache.fingerprint,
         flat_prepool=flat_prepool(cache),
     )
     if with_selection:
-        replay.id_val = split_data(cache, cache.one_split("id_val"), width)
+        replay.id_val = replay.fit.split("id_val")
         replay.pseudo_oods = [split_data(cache, s, width) for s in cache.splits("pseudo_ood")]
     return replay
 
@@ -142,13 +145,15 @@ def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData |
 
 
 def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None
-                ) -> tuple[list[dict], dict]:
+                ) -> tuple[list[dict], dict, list[dict]]:
     """Metric rows of `configs` (method name, parameters), computed one split at a time.
 
     Each split's arrays and its memo of shared work are held only while every configuration of
     the batch is scored on it, so memory stays at about one split whatever the grid. A module-level
-    function of plain arguments, so joblib can run batches in other processes. Returns the rows
-    and timings: the batch's seconds in all, and those spent reading the cache.
+    function of plain arguments, so joblib can run batches in other processes. Returns the rows,
+    timings (the batch's seconds in all, and those spent reading the cache), and for each
+    configuration whose method counts samples with S_X <= 0 (nap+X in the paper form)
+    {"method", "params", "nonpositive": {split name: count}}.
     """
     import time
 
@@ -159,13 +164,22 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         outputs = [method(replay.id_test, replay.head, replay.fit, **params) for method, params in methods]
         id_scores = [out.scores for out in outputs]
         id_acc = [accuracy(out.predictions, replay.id_test.labels) for out in outputs]
+        counts: list[dict] = [{} for _ in methods]
+        for count, out in zip(counts, outputs):
+            if out.nonpositive is not None:
+                count[replay.id_test.name] = out.nonpositive
         replay.id_test = None
         ood_scores: list[dict] = [{} for _ in methods]
         for i, ood in enumerate(replay.oods):
-            for scores, (method, params) in zip(ood_scores, methods):
-                scores[ood.name] = method(ood, replay.head, replay.fit, **params).scores
+            for scores, count, (method, params) in zip(ood_scores, counts, methods):
+                out = method(ood, replay.head, replay.fit, **params)
+                scores[ood.name] = out.scores
+                if out.nonpositive is not None:
+                    count[ood.name] = out.nonpositive
             replay.oods[i] = None  # release the split and its memo before the next one is read
     rows = []
     for (method, params), ids, acc, oods in zip(methods, id_scores, id_acc, ood_scores):
         rows.extend(metric_rows(method.name, params, ids, acc, oods))
-    return rows, {"seconds": time.perf_counter() - started, "read_seconds": read_clock[0]}
+    nonpositive = [{"method": method.name, "params": params_key(params), "nonpositive": count}
+                   for (method, params), count in zip(methods, counts) if count]
+    return rows, {"seconds": time.perf_counter() - started, "read_seconds": read_clock[0]}, nonpositive

@@ -154,10 +154,36 @@ def selection_cells(results_dir: Path):
     for method in dict.fromkeys(r["method"] for r in rows):
         row = [(method, False)]
         for choice in ("selected", "paper_default", "oracle"):
-            r = next(x for x in rows if x["method"] == method and x["choice"] == choice)
+            r = next((x for x in rows if x["method"] == method and x["choice"] == choice), None)
+            if r is None:  # no paper setting on the pipeline's benchmark
+                row += [("none for this benchmark", False), ("", False), ("", False)]
+                continue
             row += [(r["params"], False), (f"{100 * r['fpr95']:.2f}", False), (f"{100 * r['auroc']:.2f}", False)]
         body.append(row)
     return header, body
+
+
+def nonpositive_note(results_dir: Path) -> str | None:
+    """A sentence, and a table of the configurations concerned, on the nap+X samples with S_X <= 0
+    (placed below every positive sample, featcache.methods.nap), from sweep.meta.json; None if the
+    sweep has no nap+X in the paper form."""
+    meta_path = results_dir / "sweep.meta.json"
+    if not meta_path.exists():
+        return None
+    counts = json.loads(meta_path.read_text()).get("nap_nonpositive") or {}
+    configs = [(m, p, c) for m, by_params in counts.items() for p, c in by_params.items()]
+    if not configs:
+        return None
+    touched = [(m, p, c) for m, p, c in configs if any(c.values())]
+    text = (f"nap+X in the paper form (S_X^w S_NAP^(1-w)): samples with S_X &lt;= 0, where the power is undefined, "
+            f"rank below every positive sample, ordered by S_X. {len(touched)} of {len(configs)} configurations "
+            "of the sweep had any.")
+    if not touched:
+        return f"<p class='note'>{text}</p>"
+    splits = list(dict.fromkeys(s for _, _, c in touched for s in c))
+    header = ["method", "params"] + [f"{s} S_X<=0" for s in splits]
+    body = [[(m, False), (p, False)] + [(str(c.get(s, "")), False) for s in splits] for m, p, c in touched]
+    return f"<p class='note'>{text}</p>" + _html_table(header, body)
 
 
 def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) -> Path:
@@ -176,6 +202,9 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
                   "<p class='note'>Selected: chosen on id_val against the pseudo_ood splits only. Paper default: "
                   "the source paper's setting. ORACLE: the best on the test OOD data, which no deployment can "
                   "use. Mean over ood splits.</p>", _html_table(*selection)]
+    note = nonpositive_note(results_dir)
+    if note:
+        parts += ["<h2>NAP combinations: scores S_X &lt;= 0</h2>", note]
     parts.append("<h2>Figures</h2>")
     for caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode("ascii")

@@ -4,8 +4,9 @@ For every method in a pipeline's grid, the configuration is chosen on id_val aga
 pseudo_ood splits (corrupted ID data, NAP appendix H) only: a grid search over the method's own
 parameters (p, k, T, alpha, percentile...) and, for nap+<method>, a binary search over w in (0, 1)
 for every point of that grid. The chosen configuration is then evaluated once on id_test against
-each ood split, beside the papers' default configuration and the oracle: the same search run on
-the test OOD data, which no deployment could do.
+each ood split, beside the papers' default configuration for the pipeline's `benchmark` (none where
+the seeds give none, or where the pipeline declares no benchmark) and the oracle: the same search
+run on the test OOD data, which no deployment could do.
 
 Binary search over w: keep an interval [lo, hi] (initially [0, 1]); compare the objective at its
 quarter points lo + (hi-lo)/4 and lo + 3(hi-lo)/4 and keep the half holding the better one (the
@@ -15,6 +16,7 @@ evaluated. This assumes the objective is unimodal in w, as the NAP paper reports
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.methods.registry import Method, get_method
-from featcache.methods.nap import combine_scores, shared_nap_score, shared_output
+from featcache.methods.nap import combine_scores, nap_input, shared_nap_score, shared_output
 from featcache.metrics import ood_metrics
 from featcache.grid import expand_grid
 from featcache.replay import Replay, evaluate, refuse_flat_prepool
@@ -83,39 +85,45 @@ def choose(method: Method, space: dict, replay: Replay, target: Target, criterio
         return best
     base = get_method(method.name[4:])
     best = None
-    base_space = {k: v for k, v in space.items() if k != "eps"}
-    eps_values = space.get("eps", [method.defaults["eps"]])
-    for eps in eps_values if isinstance(eps_values, list) else [eps_values]:
+    base_space = {k: v for k, v in space.items() if k not in ("eps", "form")}
+    listed = [space.get(k, method.defaults[k]) for k in ("eps", "form")]
+    for eps, form in itertools.product(*(v if isinstance(v, list) else [v] for v in listed)):
         for _, base_params in expand_grid({base.name: base_space}):
             # the base scores and NAP do not depend on w: computed once per split, shared with evaluation
             def scored(split):
-                return (shared_output(base, split, replay.head, replay.fit, base_params).scores,
-                        shared_nap_score(split, eps))
+                s_x = shared_output(base, split, replay.head, replay.fit, base_params).scores
+                return nap_input(base, s_x, form), shared_nap_score(split, eps)
 
             id_scores = scored(target.id_split)
             ood_scores = [scored(s) for s in target.ood_splits]
 
             def value_of(w):
-                id_s = combine_scores(*id_scores, w, base.positive)
-                rows = [ood_metrics(id_s, combine_scores(*o, w, base.positive)) for o in ood_scores]
+                id_s = combine_scores(*id_scores, w, form)
+                rows = [ood_metrics(id_s, combine_scores(*o, w, form)) for o in ood_scores]
                 return objective_value(rows, criterion)
 
             w, value = binary_search_w(value_of)
-            params = method.resolve({**base_params, "w": w, "eps": eps})
+            params = method.resolve({**base_params, "w": w, "eps": eps, "form": form})
             if best is None or value > best[1]:
                 best = (params, value)
     return best
 
 
-def paper_config(method: Method, overrides: dict) -> dict:
+def paper_config(method: Method, overrides: dict, benchmark: str | None) -> dict | None:
+    """The pipeline's override for `method`, else the papers' setting on `benchmark` (None: none)."""
     if method.name in overrides:
         return method.resolve(overrides[method.name] or {})
-    return method.resolve(method.paper_default or {})
+    paper = method.paper_default(benchmark) if benchmark is not None else None
+    return None if paper is None else method.resolve(paper)
 
 
 def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_defaults: dict | None = None,
-               progress: bool = True) -> list[dict]:
-    """Rows of selection.csv: for each method and choice, metrics per ood split and their mean."""
+               benchmark: str | None = None, progress: bool = True) -> list[dict]:
+    """Rows of selection.csv: for each method and choice, metrics per ood split and their mean.
+
+    A method without a paper setting on `benchmark` (and no override in `paper_defaults`) has no
+    paper_default rows.
+    """
     from tqdm import tqdm
 
     if criterion not in CRITERIA:
@@ -132,10 +140,12 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
         selected, value = choose(method, space, replay, validation, criterion)
         configs = {
             "selected": selected,
-            "paper_default": paper_config(method, paper_defaults or {}),
+            "paper_default": paper_config(method, paper_defaults or {}, benchmark),
             "oracle": choose(method, space, replay, test, criterion)[0],
         }
         for choice, params in configs.items():
+            if params is None:
+                continue
             for row in evaluate(method, params, replay):
                 rows.append({"method": method.name, "choice": choice, **row,
                              "selection_auroc": value[-1] if choice == "selected" else ""})
@@ -145,8 +155,11 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
 SELECTION_COLUMNS = ("method", "choice", "params", "ood") + METRICS + ("id_acc", "selection_auroc")
 
 
-def format_selection(rows: list[dict]) -> str:
-    """Three columns side by side: selected on pseudo-OOD, paper default, oracle (test OOD)."""
+HIDDEN = {"eps": None, "seed": None, "bank": None, "form": "paper", "percentile_of": "id_train"}  # None: always
+
+
+def format_selection(rows: list[dict], benchmark: str | None = None) -> str:
+    """Three columns side by side: selected on pseudo-OOD, paper default on `benchmark`, oracle (test OOD)."""
     mean = {(r["method"], r["choice"]): r for r in rows if r["ood"] == "mean"}
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = 34
@@ -156,8 +169,12 @@ def format_selection(rows: list[dict]) -> str:
     for m in methods:
         parts = []
         for choice in CHOICES:
-            r = mean[(m, choice)]
-            params = ",".join(f"{k}={_short(v)}" for k, v in json.loads(r["params"]).items() if k not in ("eps", "seed", "bank"))
+            r = mean.get((m, choice))
+            if r is None:
+                parts.append(f" {'none for ' + benchmark if benchmark else 'no benchmark declared'}")
+                continue
+            params = ",".join(f"{k}={_short(v)}" for k, v in json.loads(r["params"]).items()
+                              if k not in HIDDEN or (HIDDEN[k] is not None and v != HIDDEN[k]))
             parts.append(f" {params[:19]:<19} {100 * r['fpr95']:5.1f} / {100 * r['auroc']:5.1f} ")
         lines.append(f"{m:<13}" + "".join(f"{p:<{cell + 1}}" for p in parts))
     return "\n".join(lines)

@@ -50,8 +50,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
             else:
                 finished = Parallel(n_jobs=-1 if client else jobs, return_as="generator")(
                     delayed(sweep_batch)(str(cache_path), batch, storage_options) for batch in batches)
-            for rows, timings in finished:
-                store.add(rows, timings)
+            for rows, timings, nonpositive in finished:
+                store.add(rows, timings, nonpositive)
                 bar.update(len({(r["method"], r["params"]) for r in rows}))
     finally:
         if client is not None:
@@ -59,5 +59,17 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     bar.close()
     rows = [row for m, p in configs for row in store.done[(m.name, params_key(p))]]
     write_csv(rows, out_path)
-    write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs))
+    write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs),
+               nap_nonpositive=nonpositive_counts(store, configs))
     return rows
+
+
+def nonpositive_counts(store: ProgressStore, configs) -> dict:
+    """{method: {params: {split: samples with S_X <= 0}}} for the nap+X configurations (paper form)
+    of the grid: how many samples the rule of featcache.methods.nap placed below every positive one."""
+    out: dict = {}
+    for method, params in configs:
+        key = (method.name, params_key(params))
+        if key in store.nonpositive:
+            out.setdefault(method.name, {})[key[1]] = store.nonpositive[key]
+    return out

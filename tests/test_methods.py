@@ -241,10 +241,10 @@ def test_nap(setup):
 
 @pytest.mark.parametrize("shift", [0.0, -40.0])  # -40 makes every energy negative
 @pytest.mark.parametrize("w", [0.2, 0.5, 0.8])
-def test_nap_energy_combination(rng, setup, shift, w):
+def test_nap_energy_combination_exp_form(rng, setup, shift, w):
     data = make_split(rng, 25, "n", logit_shift=shift)
-    out = run("nap+energy", setup, data=data, w=w)
-    # S = exp(E)^w * S_NAP^(1-w), computed directly (small enough here not to overflow); score = log S
+    out = run("nap+energy", setup, data=data, w=w, form="exp")
+    # the exp form (the paper form is tested in test_nap_paper.py): S = exp(E)^w * S_NAP^(1-w), computed directly (small enough here not to overflow); score = log S
     expected = [math.log(math.exp(bf_energy(f)) ** w * bf_nap(mx, mn) ** (1 - w))
                 for f, mx, mn in zip(data.logits, data.chan_max, data.chan_mean)]
     assert np.isfinite(out.scores).all()
@@ -253,6 +253,7 @@ def test_nap_energy_combination(rng, setup, shift, w):
 
 
 def test_nap_msp_combination(setup):
+    # MSP is positive: the paper form is log(MSP^w * S_NAP^(1-w))
     _, _, data = setup
     w = 0.3
     expected = []
@@ -264,7 +265,7 @@ def test_nap_msp_combination(setup):
 
 def test_nap_combination_with_shaped_method_uses_its_logits(setup):
     head, _, data = setup
-    out = run("nap+ash_s", setup, w=0.6, p=90)
+    out = run("nap+ash_s", setup, w=0.6, p=90, form="exp")
     ash = run("ash_s", setup, p=90)
     s_nap = np.array([bf_nap(mx, mn) for mx, mn in zip(data.chan_max, data.chan_mean)])
     assert_close(out.scores, 0.6 * ash.scores + 0.4 * np.log(s_nap))
@@ -407,15 +408,13 @@ def test_nap_combinations_of_peer_methods(setup, name, params):
     base = run(name[4:], setup, **{k: v for k, v in params.items() if k != "w"})
     w = params["w"]
     s_nap = [bf_nap(mx, mn) for mx, mn in zip(data.chan_max, data.chan_mean)]
-    positive = get_method(name[4:]).positive
-    # S = S_X'^w * S_NAP^(1-w) in 50-digit decimals: exp(S_X) overflows floats for large energies
+    # the exp form: S = exp(S_X)^w * S_NAP^(1-w) in 50-digit decimals (exp(S_X) overflows floats)
     from decimal import Decimal, getcontext
 
     getcontext().prec = 50
-    products = [(Decimal(float(s)).exp() if positive == "exp" else Decimal(float(s))) ** Decimal(w)
-                * Decimal(float(n)) ** (1 - Decimal(w)) for s, n in zip(base.scores, s_nap)]
-    expected = [float(v.ln()) if v > 0 else -math.inf for v in products]  # GradNorm is 0 for x = 0
-    assert_close(run(name, setup, **params).scores, expected)
+    products = [Decimal(float(s)).exp() ** Decimal(w) * Decimal(float(n)) ** (1 - Decimal(w))
+                for s, n in zip(base.scores, s_nap)]
+    assert_close(run(name, setup, form="exp", **params).scores, [float(v.ln()) for v in products])
 
 
 def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):

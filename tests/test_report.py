@@ -25,7 +25,7 @@ def reported(digits, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     pipeline = tmp / "r.yaml"
     pipeline.write_text(yaml.safe_dump({"name": "r", "cache": str(digits["cache"]), "results": str(tmp / "res"),
-                                        "sweep": GRID}))
+                                        "sweep": GRID, "benchmark": "imagenet"}))  # a paper setting for each
     main(["sweep", str(pipeline), "--quiet"])
     main(["select", str(pipeline), "--quiet"])
     main(["report", str(pipeline)])

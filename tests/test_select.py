@@ -29,10 +29,10 @@ def test_binary_search_evaluates_few_points():
     assert len(set(calls)) <= 14
 
 
-def grid_pipeline(tmp_path, cache, grid, select=None):
+def grid_pipeline(tmp_path, cache, grid, select=None, benchmark="cifar10"):
     path = tmp_path / "sel.yaml"
     path.write_text(yaml.safe_dump({"name": "sel", "cache": str(cache), "results": str(tmp_path / "res"),
-                                    "sweep": grid, "select": select or {}}))
+                                    "sweep": grid, "select": select or {}, "benchmark": benchmark}))
     return path
 
 
@@ -108,7 +108,8 @@ def test_selection_csv_has_three_choices_per_method(digits, tmp_path):
             assert sorted(r["ood"] for r in mine) == sorted(oods + ["mean"])
     paper = {r["method"]: r["params"] for r in rows if r["choice"] == "paper_default"}
     assert json.loads(paper["ash_s"]) == {"p": 95}
-    assert json.loads(paper["react"]) == {"percentile": 90}
+    assert json.loads(paper["react"]) == {"percentile": 90, "percentile_of": "id_train"}
+    assert json.loads(paper["nap+energy"]) == {"T": 1.0, "eps": 1.0, "form": "paper", "w": 0.4}  # NAP table 11, CIFAR-10
     # the oracle is at least as good on test OOD, by the selection criterion, as the selected one
     mean = {(r["method"], r["choice"]): float(r["auroc"]) for r in rows if r["ood"] == "mean"}
     for method in GRID:

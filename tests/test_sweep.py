@@ -154,9 +154,10 @@ def test_sweep_csv_against_independent_metrics(digits, tmp_path, capsys):
             s = np.r_[id_scores, ood_scores]
             row = next(r for r in rows if (r["method"], r["params"], r["ood"]) == (method, params, ood))
             assert float(row["auroc"]) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
-            assert float(row["aupr_in"]) == pytest.approx(average_precision_score(y, s), abs=1e-6)
-            threshold = np.sort(id_scores)[::-1][int(np.ceil(0.95 * len(id_scores))) - 1]
-            assert float(row["fpr95"]) == pytest.approx(np.mean(ood_scores >= threshold), abs=1e-3)
+            # the reference code's trapezoid AUPR-In is within a step of sklearn's average precision
+            assert float(row["aupr_in"]) == pytest.approx(average_precision_score(y, s), abs=2e-3)
+            threshold = np.sort(id_scores)[round(0.05 * len(id_scores))]  # ReAct/ASH get_curve
+            assert float(row["fpr95"]) == pytest.approx(np.mean(ood_scores > threshold), abs=1e-3)
             assert float(row["id_acc"]) >= 0.97
 
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from featcache.errors import FeatcacheError
 from featcache.methods.kernels import energy, energy_blocks
 
 
@@ -92,18 +93,31 @@ class SplitData:
 
 
 class Fit:
-    """Statistics of the id_train split that methods fit on, each computed once."""
+    """Statistics of the id_train split that methods fit on, each computed once; and of id_val, for
+    the statistics a method may take from it instead (ReAct's `percentile_of: id_val`)."""
 
-    def __init__(self, id_train: SplitData, seed: int = 0):
+    def __init__(self, id_train: SplitData, seed: int = 0, id_val: SplitData | Callable | None = None):
         self.data = id_train
         self.seed = seed
+        self._id_val = id_val  # a split, or a function reading it on first use (most methods never do)
 
     def memo(self, key, compute):
         return self.data.memo(("fit",) + tuple(key), compute)
 
-    def feature_percentile(self, q: float) -> float:
-        """np.percentile (linear) over every entry of the id_train features: ReAct's clip."""
-        return self.memo(("percentile", q), lambda: float(np.percentile(self.data.features, q)))
+    def split(self, role: str) -> SplitData:
+        """The fitted-on split of `role`: id_train, or id_val when the cache has one."""
+        if role == "id_train":
+            return self.data
+        if role != "id_val" or self._id_val is None:
+            raise FeatcacheError(f"statistics of {role!r} were asked for, but there is no {role} split")
+        if callable(self._id_val):
+            self._id_val = self._id_val()
+        return self._id_val
+
+    def feature_percentile(self, q: float, of: str = "id_train") -> float:
+        """np.percentile (linear) over every entry of the features of `of` (id_train or id_val):
+        ReAct's clip."""
+        return self.memo(("percentile", of, q), lambda: float(np.percentile(self.split(of).features, q)))
 
     @cached_property
     def mean_feature(self) -> np.ndarray:
@@ -121,6 +135,7 @@ class Fit:
 class Output:
     scores: np.ndarray  # (N,) float64, higher = more in-distribution
     predictions: np.ndarray  # (N,) class predicted by the head the method used (for ID accuracy)
+    nonpositive: int | None = None  # nap+X (paper form): how many samples had S_X <= 0
 
 
 def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:

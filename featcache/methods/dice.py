@@ -3,7 +3,11 @@
 contrib = mean_id_train(x)[None, :] * W, a (K, D) signed matrix; the threshold is percentile p of
 all its entries (numpy linear interpolation); weights with contrib > threshold are kept, the rest
 set to zero, the bias is unchanged; the score is the energy of the sparsified head's logits, and
-ID accuracy is that head's. p = 90 for CIFAR in the paper, 70 for ImageNet.
+ID accuracy is that head's.
+
+Paper settings: p = 70 on ImageNet ("70% is the recommended threshold of DICE when used alone", ASH
+appendix D, notes on table 2; shared/methods.md), p = 90 on CIFAR-10 and CIFAR-100 (shared/methods.md
+from the DICE paper; the DICE reference code's demo-cifar.sh runs both with --p 90).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import numpy as np
 from featcache.methods.data import Head, Output
 from featcache.methods.registry import register
 
+DICE_PAPER = {"imagenet": {"p": 70}, "cifar10": {"p": 90}, "cifar100": {"p": 90}}
+
 
 def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
     contrib = mean_feature[None, :] * head.weight.astype(np.float64)
@@ -20,7 +26,7 @@ def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
     return Head(np.where(contrib > threshold, head.weight, 0).astype(np.float32), head.bias)
 
 
-@register("dice", defaults={"p": 90}, paper_default={"p": 90})
+@register("dice", defaults={"p": 90}, paper=DICE_PAPER)
 def dice(data, head, fit, p):
     sparse = fit.memo(("dice_head", p), lambda: dice_head(head, fit.mean_feature, p))
     return Output(*sparse.energy(data.features))

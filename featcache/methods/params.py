@@ -21,4 +21,6 @@ CHECKS = {
     "clip": (_finite, "a finite number"),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
     "bank": (lambda v: _finite(v) and 0 < v <= 1, "a fraction in (0, 1]"),
+    "form": (lambda v: v in ("paper", "exp"), "'paper' or 'exp'"),
+    "percentile_of": (lambda v: v in ("id_train", "id_val"), "'id_train' or 'id_val'"),
 }

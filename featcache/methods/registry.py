@@ -5,12 +5,15 @@ A method is a function `score(data, head, fit, **params) -> Output` (see `featca
 split. It returns a score per sample (higher = more in-distribution) and the class the head it used
 predicts, for ID accuracy. Methods are registered with `@register`, one module per family;
 `get_method` also builds `nap+<method>` combinations.
+
+Paper settings are per benchmark (`BENCHMARKS`): each module types them from the seeds' tables and
+names the table; a benchmark the seeds give no value for is absent, never borrowed from another.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from featcache.errors import FeatcacheError
@@ -18,15 +21,37 @@ from featcache.methods.data import Fit, Head, Output, SplitData
 from featcache.methods.params import CHECKS
 
 
+BENCHMARKS = ("cifar10", "cifar100", "imagenet")
+
+
+def check_benchmark(benchmark) -> str:
+    if benchmark not in BENCHMARKS:
+        raise FeatcacheError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}")
+    return benchmark
+
+
+def every_benchmark(params: dict) -> dict:
+    """The same paper setting on every benchmark: a method without parameters, or a value its paper
+    states once for all of them."""
+    return {b: dict(params) for b in BENCHMARKS}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     fn: Callable
     defaults: dict  # every parameter the method takes, with its default (None: one of a choice)
-    positive: str = "exp"  # how nap+ makes the score positive: "exp" (log-domain) or "identity" (> 0)
+    nap_offset: float = 0.0  # nap+ (paper form) uses S_X = score + nap_offset; 2 for KNN's -distance
     one_of: tuple = ()  # groups of parameters of which at most one may be given
-    paper_default: dict | None = None  # the source paper's recommended setting, where it gives one
+    paper: dict = field(default_factory=dict)  # benchmark -> the source papers' setting (absent: none given)
     integer: tuple = ()  # parameters that must be integers (k of KNN)
+    qualifies: dict = field(default_factory=dict)  # parameter -> the one it qualifies (percentile_of -> percentile)
+
+    def paper_default(self, benchmark: str) -> dict | None:
+        """The papers' setting on `benchmark`, or None where the seeds give none."""
+        check_benchmark(benchmark)
+        value = self.paper.get(benchmark)
+        return None if value is None else dict(value)
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in and every value checked; errors name the method, parameter and value."""
@@ -45,8 +70,13 @@ class Method:
             for other in group:
                 params[other] = params.get(chosen, self.defaults[chosen]) if other == chosen else None
         full = {k: params[k] if k in params else v for k, v in self.defaults.items()}
+        for key, parent in self.qualifies.items():
+            if full.get(parent) is None:  # e.g. percentile_of means nothing once a clip is given
+                if params.get(key) is not None:
+                    raise FeatcacheError(f"{self.name}: {key} applies only with {parent}, which is not used here")
+                full[key] = None
         for key, value in full.items():
-            if value is None and any(key in g for g in self.one_of):
+            if value is None and (any(key in g for g in self.one_of) or key in self.qualifies):
                 continue
             ok, what = CHECKS.get(key, (lambda v: True, ""))
             if key in self.integer and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
@@ -62,14 +92,21 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, defaults: dict | None = None, positive: str = "exp", one_of: tuple = (),
-             paper_default: dict | None = None, integer: tuple = ()):
-    """Register `fn(data, head, fit, **params) -> Output` under `name`."""
+def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0, one_of: tuple = (),
+             paper: dict | None = None, integer: tuple = (), qualifies: dict | None = None):
+    """Register `fn(data, head, fit, **params) -> Output` under `name`.
+
+    `paper` maps a benchmark of `BENCHMARKS` to the source papers' setting on it.
+    """
 
     def wrap(fn):
         if name in REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        REGISTRY[name] = Method(name, fn, dict(defaults or {}), positive, one_of, paper_default, integer)
+        unknown = sorted(set(paper or {}) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"method {name!r}: unknown benchmark {unknown[0]!r} in its paper settings")
+        REGISTRY[name] = Method(name, fn, dict(defaults or {}), nap_offset, one_of, dict(paper or {}), integer,
+                                dict(qualifies or {}))
         return fn
 
     return wrap

@@ -4,6 +4,10 @@
     logits = r * (W x) + b,  score = energy(logits)
 
 k and the tie rule are ASH's (featcache.methods.ash); s2 = 0 gives r = 1. Default p = 85.
+
+Paper settings: p = 85 on ImageNet (shared/methods.md; the SCALE reference code's ImageNet ResNet-50
+evaluation, configs/postprocessors/scale.yml). The seeds give no p for CIFAR-10 or CIFAR-100 (the NAP
+paper's SCALE rows on CIFAR do not state one), so there is none.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from featcache.methods.registry import register
 
 
 
-@register("scale", defaults={"p": 85}, paper_default={"p": 85})
+@register("scale", defaults={"p": 85}, paper={"imagenet": {"p": 85}})
 def scale(data, head, fit, p):
     # s2 is the sum of the k largest values whatever the ties; and for a large head, since W x = f - b
     # with f the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all.

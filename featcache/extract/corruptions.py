@@ -87,8 +87,9 @@ def corrupt(image: np.ndarray, name: str, severity: int, rng: np.random.RandomSt
     rgb = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=2) if grey else image
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise FeatcacheError(f"corrupt: expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape {image.shape}")
-    # np.uint8 of floats truncates towards zero, as imagecorruptions.corrupt returns its result
-    out = np.uint8(_FUNCTIONS[name](rgb, severity, rng))
+    # floats truncated towards zero, as imagecorruptions.corrupt's np.uint8(); astype copies, so the
+    # result is writable even where Pillow gave a read-only array
+    out = np.asarray(_FUNCTIONS[name](rgb, severity, rng)).astype(np.uint8)
     return out[..., :1].reshape(image.shape) if grey else out
 
 
@@ -112,6 +113,7 @@ def _gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
+@lru_cache(maxsize=None)
 def _disk(radius, alias_blur=0.1):
     """ImageNet-C's anti-aliased disk kernel for defocus blur (float32)."""
     from scipy.ndimage import correlate1d
@@ -271,9 +273,10 @@ def _cubic_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
     rows, row_coef = taps(image.shape[0], height)
     cols, col_coef = taps(image.shape[1], width)
-    src = image.astype(np.int64)
-    horizontal = np.einsum("hwkc,wk->hwc", src[:, cols], col_coef)  # (H_in, width, C)
-    total = np.einsum("hkwc,hk->hwc", horizontal[rows], row_coef)
+    # integer sums held in float64, which is exact below 2^53 (these stay under 2^32)
+    src = image.astype(np.float64)
+    horizontal = sum(src[:, cols[:, k]] * col_coef[None, :, k, None] for k in range(4))  # (H_in, width, C)
+    total = sum(horizontal[rows[:, k]] * row_coef[:, k, None, None] for k in range(4)).astype(np.int64)
     return np.clip((total + (1 << 21)) >> 22, 0, 255).astype(np.uint8)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import featcache
 from featcache.cache.verify import check_logits
 from featcache.cache.writer import CacheWriter, fingerprint
-from featcache.config import Pipeline, load_manifest, manifest_entry
+from featcache.config import Pipeline, manifest_entry
 from featcache.errors import FeatcacheError
 from featcache.extract.backbones import (
     accuracy,
@@ -177,7 +177,7 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     from tqdm import tqdm
 
     out = Path(out) if out else pipeline.cache
-    manifest = load_manifest(pipeline.manifest_path)
+    manifest = pipeline.manifest()
     entries = validate_splits(pipeline, manifest)
     writer = CacheWriter(out, overwrite=overwrite)  # refuses an existing output before any work
     model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress)
@@ -221,7 +221,10 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
             t1 = time.perf_counter()
             split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
-                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
+                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0),
+                          "of": entry["source"].get("of", "")}
+            if entry.get("group"):
+                extra["group"] = entry["group"]
             split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
             if split.complete:
                 continue

@@ -146,7 +146,7 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
     rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
-                     scheduler=scheduler, groups=spec.groups)
+                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups")
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")

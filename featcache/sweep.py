@@ -19,12 +19,12 @@ from featcache.results import with_group_rows, write_csv, write_meta
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
               storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
-              groups: dict[str, str] | None = None) -> list[dict]:
+              groups: dict[str, str] | None = None, groups_where: str = "groups") -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Besides a row per ood split and their mean, each configuration gets a row per group of ood
     splits (`group:<label>`, the mean over the group): groups from the splits' `group` attributes,
-    with `groups` ({split: label}, a pipeline's `groups:`) over them.
+    with `groups` ({split: label}, a pipeline's `groups:`, named `groups_where` in errors) over them.
 
     Configurations already in the progress store for this cache's fingerprint are not computed
     again; with `jobs` > 1, batches of configurations run in parallel joblib workers, each reading
@@ -42,7 +42,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     with open_cache(cache_path, storage_options=storage_options) as cache:
         load_replay(cache)  # refuses a cache that cannot be swept before any work starts
         fingerprint = cache.fingerprint
-        groups = ood_groups(cache, groups)
+        groups = ood_groups(cache, groups, groups_where)
     store = ProgressStore(out_path, fingerprint)
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)

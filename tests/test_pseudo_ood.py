@@ -82,7 +82,7 @@ def write_pipeline(root, tmp, name, oods, pseudo=PSEUDO, **extra):
             "results": str(tmp / "results"),
             "backbone": {"name": "resnet18", "checkpoint": "random", "seed": 0, "kwargs": {"num_classes": 3}},
             "extract": {"batch_size": 16, "workers": 0}, "splits": ["tiny_train", "tiny_val", "tiny_test", *oods],
-            "sweep": GRID, "select": {"criterion": "auroc"}, **extra}
+            "sweep": GRID, "select": {"criterion": "auroc", "paper_defaults": {"knn": {"k": 3}}}, **extra}
     if pseudo:
         spec["pseudo_ood"] = pseudo
     path = tmp / f"{name}.yaml"
@@ -188,7 +188,7 @@ def test_select_without_pseudo_ood_says_what_to_add_and_where(data, tmp_path, ca
     assert f"to {pipeline}" in err and f"featcache extract {pipeline} --overwrite" in err
 
 
-def test_pipeline_groups_override_the_manifest_at_sweep_time(chain, tmp_path):
+def test_pipeline_groups_override_the_manifest_at_sweep_time(chain, tmp_path, capsys):
     spec = yaml.safe_load(chain["a"]["pipeline"].read_text())
     spec.update(results=str(tmp_path / "res"), groups={"hard": ["far_a", "near_b"]})
     path = tmp_path / "regroup.yaml"
@@ -198,8 +198,9 @@ def test_pipeline_groups_override_the_manifest_at_sweep_time(chain, tmp_path):
     assert oods == ["far_a", "near_b", "group:hard", "mean"]
     spec["groups"] = {"hard": ["other_c"]}
     path.write_text(yaml.safe_dump(spec))
-    with pytest.raises(FeatcacheError, match="'other_c' is not an ood split"):
+    with pytest.raises(SystemExit):
         main(["sweep", str(path), "--quiet"])
+    assert f"{path}: groups: 'other_c' is not an ood split" in capsys.readouterr().err
 
 
 # --- `generator: corrupt` over every source format ------------------------------------------------

@@ -17,14 +17,15 @@ import json
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
-from featcache.results import GROUP_PREFIX, MEAN, read_csv
+from featcache.results import MEAN, read_csv
 from featcache.tables import best_per_method
 
 
 def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
     """(one dict per method: {method, params, <ood>: row}, ood names, which configuration is shown).
 
-    The ood names are the splits, then the groups of splits (`group:<label>`), as the CSV has them.
+    The ood names are the splits, then the groups of splits (`group:<label>`, the mean over the
+    group), as the CSV has them; each becomes a column of the tables.
     """
     selection = results_dir / "selection.csv"
     sweep = results_dir / "sweep.csv"
@@ -51,15 +52,10 @@ def _best(table, column, metric):
     return min(values) if metric == "fpr95" else max(values)
 
 
-def column_title(ood: str) -> str:
-    """A results column: an ood split, `<label> mean` for a group of splits (rows group:<label>), or mean."""
-    return f"{ood[len(GROUP_PREFIX):]} mean" if ood.startswith(GROUP_PREFIX) else ood
-
-
 def cells(table, oods):
     """Header and rows of percent strings, with a flag for the best value in each column."""
     columns = oods + [MEAN]
-    header = ["method", "params"] + [f"{column_title(c)} {m}" for c in columns for m in ("FPR95", "AUROC")]
+    header = ["method", "params"] + [f"{c} {m}" for c in columns for m in ("FPR95", "AUROC")]
     body = []
     for t in table:
         row = [(t["method"], False), (t["params"], False)]
@@ -100,7 +96,7 @@ def _tex(text: str) -> str:
 def to_latex(table, oods, label) -> str:
     columns = oods + [MEAN]
     lines = [r"\begin{tabular}{l" + "cc" * len(columns) + "}", r"\toprule",
-             "Method & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(column_title(c))}}}" for c in columns) + r" \\",
+             "Method & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(c)}}}" for c in columns) + r" \\",
              " & " + " & ".join(r"FPR95$\downarrow$ & AUROC$\uparrow$" for _ in columns) + r" \\", r"\midrule"]
     _, body = cells(table, oods)
     for row in body:

@@ -185,7 +185,8 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
 
 def load_dataset(name: str, manifest: dict, manifest_path):
     """Manifest entry `name`, transformed, its declared size checked: an ImageSet (generated, in
-    memory) or a FileImages (read from files on access, see featcache.extract.files)."""
+    memory), a FileImages (read from files on access, see featcache.extract.files) or, for a
+    corrupt source, a CorruptedImages (its base corrupted on access)."""
     entry = manifest_entry(manifest, name, manifest_path)
     if entry["source"].get("generator") == "corrupt":
         data = load_corrupted(entry, manifest, manifest_path)

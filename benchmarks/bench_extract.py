@@ -7,6 +7,11 @@ times the model's plain forward pass and the feature extractor on the same image
 then times, on the same files with the same DataLoader, a bare forward pass (decode, preprocess,
 model) against the whole extraction (the same, plus feature extraction, checks and writing).
 --device cuda times it on a GPU.
+
+Both also time pseudo-OOD extraction, the same backbone on the same files under the fifteen
+ImageNet-C corruptions (corrupting between crop and normalisation, in the loader workers): the
+digits pipeline's own pseudo_ood splits, and for --model the `pseudo_ood:` shorthand over the ID
+folder, as many images in all as the clean run (--images / 2 / 15 per corruption, at least 1).
 """
 
 from __future__ import annotations
@@ -73,6 +78,20 @@ def bench_torchvision(model_name: str, n_images: int, device: str, batch: int, w
         print(f"extraction (same + features, maps, checks, writing): {n / extract_s:8.1f} img/s "
               f"= {bare_s / extract_s:.2f} x bare forward (target >= 0.90)")
 
+        # the same files again, corrupted: one pseudo-OOD split per corruption over the ID folder
+        per = max(1, len(datasets[0]) // 15)
+        spec["pseudo_ood"] = {"of": "b", "corruptions": "all", "severity": 3, "per_corruption": per}
+        spec["cache"] = str(tmp / "bench_corrupt.h5")
+        (tmp / "p.yaml").write_text(yaml.safe_dump(spec))
+        timings = {}
+        runner.extract(load_pipeline(tmp / "p.yaml"), progress=False, timings=timings)
+        corrupted = {k: v for k, v in timings.items() if k.startswith("b_c_")}
+        n_c, s_c = sum(t["n"] for t in corrupted.values()), sum(t["extract_s"] for t in corrupted.values())
+        print(f"extraction under the 15 ImageNet-C corruptions (severity 3, {per} images each, same files): "
+              f"{n_c / s_c:8.1f} img/s = {(n_c / s_c) / (n / extract_s):.2f} x without corruption")
+        print("  per corruption, img/s: " + ", ".join(f"{k[4:]} {t['n'] / t['extract_s']:.1f}"
+                                                      for k, t in corrupted.items()))
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -88,12 +107,12 @@ def main():
     if args.model:
         return bench_torchvision(args.model, args.images, args.device, args.batch_size, args.workers, args.amp)
 
-    from featcache.config import load_manifest, load_pipeline
+    from featcache.config import load_pipeline
     from featcache.extract import runner
     from featcache.extract.datasets import load_dataset
 
     pipeline = load_pipeline(args.pipeline)
-    manifest = load_manifest(pipeline.manifest_path)
+    manifest = pipeline.manifest()
     model, _ = runner.prepare_backbone(pipeline, manifest, progress=False)
     timings: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -109,8 +128,16 @@ def main():
     extract_s = sum(t["extract_s"] for t in timings.values())
     print(f"{'all':<28} {n_all:>7} {sum(t['load_s'] for t in timings.values()):8.3f} {extract_s:9.3f} "
           f"{n_all / extract_s:9.0f}   (whole command {total:.2f} s)")
+    roles = {name: manifest[name]["role"] for name in timings}
+    for label, names in (("without corruption", [k for k in timings if roles[k] != "pseudo_ood"]),
+                         ("with corruption (pseudo_ood splits)", [k for k in timings if roles[k] == "pseudo_ood"])):
+        if names:
+            n = sum(timings[k]["n"] for k in names)
+            print(f"{label:<36} {n:>7} images {n / sum(timings[k]['extract_s'] for k in names):9.0f} img/s")
 
-    images = np.concatenate([load_dataset(n, manifest, pipeline.manifest_path).images for n in timings])
+    # the clean splits' images in memory, for the forward-pass comparison
+    images = np.concatenate([load_dataset(n, manifest, pipeline.manifest_path).images for n in timings
+                             if roles[n] != "pseudo_ood"])
     batch = int(pipeline.extract.get("batch_size", 256))
     extractor = runner.FeatureExtractor(model, runner.find_layers(model))
 
@@ -128,7 +155,9 @@ def main():
     feat = throughput(extractor)
     print(f"bare forward pass        {bare:9.0f} img/s")
     print(f"feature extractor        {feat:9.0f} img/s  = {feat / bare:.2f} x bare forward")
-    print(f"extraction incl. writing {n_all / extract_s:9.0f} img/s  = {n_all / extract_s / bare:.2f} x bare forward")
+    clean = [k for k in timings if roles[k] != "pseudo_ood"]
+    clean_rate = sum(timings[k]["n"] for k in clean) / sum(timings[k]["extract_s"] for k in clean)
+    print(f"extraction incl. writing {clean_rate:9.0f} img/s  = {clean_rate / bare:.2f} x bare forward (clean splits)")
 
 
 if __name__ == "__main__":

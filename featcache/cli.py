@@ -117,6 +117,7 @@ def info(cache):
             attrs = split.attrs
             status = "complete" if split.complete else f"INCOMPLETE ({attrs.get('rows_written', 0)}/{split.n} rows)"
             extra = f" corruption={attrs.get('corruption')} severity={attrs.get('severity')}" if split.role == "pseudo_ood" else ""
+            extra += f" group={attrs['group']}" if attrs.get("group") else ""
             click.echo(f"  {split.name}: role={split.role} n={split.n} source={attrs.get('source')} {status}{extra}")
             for key in SPLIT_ARRAYS:
                 if split.has(key):
@@ -149,7 +150,7 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
     rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
-                     scheduler=scheduler)
+                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups")
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
@@ -172,7 +173,7 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
     from featcache.cache.reader import open_cache
     from featcache.config import load_pipeline
     from featcache.select import SELECTION_COLUMNS, format_selection, run_select
-    from featcache.replay import load_replay
+    from featcache.replay import load_replay, ood_groups
     from featcache.results import write_csv, write_meta
 
     spec = load_pipeline(pipeline)
@@ -182,7 +183,8 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
     with open_cache(cache_path) as cache:
         replay = load_replay(cache, with_selection=True)
         rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
-                          paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark, progress=not quiet)
+                          paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark, progress=not quiet,
+                          groups=ood_groups(cache, spec.groups, f"{spec.path}: groups"), pipeline_path=spec.path)
     write_csv(rows, out, SELECTION_COLUMNS)
     write_meta(out, fingerprint=replay.fingerprint, cache=str(cache_path), criterion=criterion or options.get("criterion", "auroc"),
                benchmark=spec.benchmark)

@@ -14,6 +14,13 @@ import yaml
 from featcache.errors import FeatcacheError
 
 MANIFEST_ROLES = ("train", "id_train", "id_val", "id_test", "ood", "pseudo_ood")
+PSEUDO_OOD_FIELDS = ("of", "corruptions", "severity", "per_corruption", "seed")
+
+
+def check_group(label, where: str) -> None:
+    """A group label (near, far, ...): a plain word, since results name it as `group:<label>`."""
+    if not isinstance(label, str) or not label or not label.replace("_", "").replace("-", "").isalnum():
+        raise FeatcacheError(f"{where}: group label must be a word (letters, digits, '-' or '_'), got {label!r}")
 
 
 def plain_name_problem(name) -> str | None:
@@ -81,10 +88,95 @@ class Pipeline:
 
     @property
     def splits(self) -> list[str]:
+        """The listed splits, then those that the `pseudo_ood:` shorthand adds."""
         splits = self.raw.get("splits")
         if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
             raise FeatcacheError(f"{self.path}: field 'splits' must be a non-empty list of manifest dataset names")
-        return splits
+        return splits + [name for name in self.pseudo_ood_entries() if name not in splits]
+
+    def pseudo_ood_entries(self) -> dict[str, dict]:
+        """Manifest entries, by split name, that the pipeline's `pseudo_ood:` shorthand stands for.
+
+        `pseudo_ood: {of: <dataset>, corruptions: all | [names], severity: 3, per_corruption: N,
+        seed: 0}` (or a list of such) gives one split per corruption, named `<of>_c_<corruption>`:
+        a corrupt source over `of` with its transform, `per_corruption` images of it (all when not
+        given), drawn per corruption. One split per corruption rather than one mixed split: selection
+        averages its objective over the pseudo-OOD splits, so each corruption weighs the same
+        whatever its size, and results per corruption show which ones drive a choice.
+        """
+        from featcache.extract.corruptions import CORRUPTIONS, check_corruption
+
+        declared = self.raw.get("pseudo_ood")
+        if declared is None:
+            return {}
+        specs = declared if isinstance(declared, list) else [declared]
+        entries: dict[str, dict] = {}
+        for spec in specs:
+            where = f"{self.path}: pseudo_ood"
+            if not isinstance(spec, dict):
+                raise FeatcacheError(f"{where}: must be a mapping (or a list of mappings) with 'of' and 'corruptions'")
+            unknown = sorted(set(spec) - set(PSEUDO_OOD_FIELDS))
+            if unknown:
+                raise FeatcacheError(f"{where}: unknown field {unknown[0]!r}; fields: {', '.join(PSEUDO_OOD_FIELDS)}")
+            of = spec.get("of")
+            if not isinstance(of, str) or not of:
+                raise FeatcacheError(f"{where}: field 'of' must name the manifest dataset to corrupt (the id_val data)")
+            corruptions = spec.get("corruptions", "all")
+            if corruptions == "all":
+                corruptions = list(CORRUPTIONS)
+            if not isinstance(corruptions, list) or not corruptions:
+                raise FeatcacheError(f"{where}: field 'corruptions' must be 'all' or a list of corruption names")
+            severity, seed, size = spec.get("severity", 3), spec.get("seed", 0), spec.get("per_corruption")
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise FeatcacheError(f"{where}: field 'seed' must be an integer, got {seed!r}")
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+                raise FeatcacheError(f"{where}: field 'per_corruption' must be a positive integer, got {size!r}")
+            for corruption in corruptions:
+                check_corruption(corruption, severity, where)
+                name = f"{of}_c_{corruption}"
+                if name in entries:
+                    raise FeatcacheError(f"{where}: split {name!r} is declared twice")
+                source = {"generator": "corrupt", "of": of, "corruption": corruption, "severity": severity, "seed": seed}
+                if size is not None:
+                    source["subset"] = size
+                entries[name] = {"name": name, "source": source, "transform": {}, "role": "pseudo_ood"}
+        return entries
+
+    @property
+    def groups(self) -> dict[str, str]:
+        """`groups: {label: [ood split, ...]}` as {split: label}; it overrides the manifest's `group`."""
+        declared = self.raw.get("groups")
+        if declared is None:
+            return {}
+        where = f"{self.path}: groups"
+        if not isinstance(declared, dict):
+            raise FeatcacheError(f"{where}: must be a mapping of group label to a list of ood splits")
+        out: dict[str, str] = {}
+        for label, names in declared.items():
+            check_group(label, where)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise FeatcacheError(f"{where}: group {label!r} must be a list of ood split names")
+            for name in names:
+                if name in out:
+                    raise FeatcacheError(f"{where}: split {name!r} is in two groups, {out[name]!r} and {label!r}")
+                out[name] = label
+        return out
+
+    def manifest(self) -> dict[str, dict]:
+        """The manifest's datasets with the pipeline's pseudo-OOD splits and ood groups added."""
+        manifest = load_manifest(self.manifest_path)
+        for name, entry in self.pseudo_ood_entries().items():
+            if name in manifest:
+                raise FeatcacheError(f"{self.path}: pseudo_ood split {name!r} is also a dataset of {self.manifest_path}; "
+                                     "remove one of them")
+            base = manifest_entry(manifest, entry["source"]["of"], self.manifest_path)
+            manifest[name] = {**entry, "transform": base["transform"]}
+        for name, label in self.groups.items():
+            entry = manifest_entry(manifest, name, self.manifest_path)
+            if entry["role"] != "ood":
+                raise FeatcacheError(f"{self.path}: groups: {name!r} has role {entry['role']!r}; only ood splits are grouped")
+            manifest[name] = {**entry, "group": label}
+        return manifest
 
     @property
     def extract(self) -> dict:
@@ -141,6 +233,10 @@ def load_manifest(path) -> dict[str, dict]:
             raise FeatcacheError(f"{where}: field 'source' must name a 'generator' or a 'path' and a 'format'")
         if "path" in source and "format" not in source:
             raise FeatcacheError(f"{where}: source.path needs source.format")
+        if "group" in entry:
+            check_group(entry["group"], where)
+            if entry["role"] != "ood":
+                raise FeatcacheError(f"{where}: field 'group' is for ood datasets, this one has role {entry['role']!r}")
         size = entry.get("size")
         if size is not None and (not isinstance(size, int) or size <= 0):
             raise FeatcacheError(f"{where}: field 'size' must be a positive integer, got {size!r}")

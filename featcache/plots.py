@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.results import MEAN
+from featcache.results import GROUP_PREFIX, MEAN
 
 SWEEP_AXES = ("p", "percentile", "clip", "k", "w", "T", "alpha_scale", "alpha")  # preferred x axis, in order
 
@@ -31,7 +31,8 @@ def varying_params(rows: list[dict]) -> list[str]:
 
 
 def sensitivity_figure(method: str, rows: list[dict], path: Path) -> Path | None:
-    """FPR95 and AUROC against the method's swept parameter, a line per ood split and the mean.
+    """FPR95 and AUROC against the method's swept parameter, a line per ood split (dashed: per group
+    of splits) and the mean.
 
     With a second swept parameter (RG's T, say), only the mean is drawn, a line per value of it.
     Returns None when the method has no swept parameter.
@@ -56,7 +57,9 @@ def sensitivity_figure(method: str, rows: list[dict], path: Path) -> Path | None
         series = {}
         for row in rows:
             series.setdefault(row["ood"], []).append((json.loads(row["params"])[x_key], row))
-        styles = {label: ({"color": "black", "linewidth": 2.5} if label == MEAN else {"alpha": 0.8}) for label in series}
+        styles = {label: ({"color": "black", "linewidth": 2.5} if label == MEAN else
+                          {"linestyle": "--", "linewidth": 2} if label.startswith(GROUP_PREFIX) else {"alpha": 0.8})
+                  for label in series}
     for ax, metric, title in ((axes[0], "fpr95", "FPR95 (lower is better)"), (axes[1], "auroc", "AUROC (higher is better)")):
         for label, points in series.items():
             points.sort(key=lambda t: t[0])

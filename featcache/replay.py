@@ -116,6 +116,18 @@ def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list 
     return replay
 
 
+def ood_groups(cache: Cache, override: dict[str, str] | None = None, where: str = "groups") -> dict[str, str]:
+    """{ood split: group label}: the splits' `group` attributes, with a pipeline's `groups:` over them."""
+    names = {s.name for s in cache.splits("ood")}
+    groups = {s.name: str(s.attrs["group"]) for s in cache.splits("ood") if s.attrs.get("group")}
+    for name, label in (override or {}).items():
+        if name not in names:
+            raise FeatcacheError(f"{where}: {name!r} is not an ood split of {cache.path} (ood splits: "
+                                 f"{', '.join(sorted(names))})")
+        groups[name] = label
+    return groups
+
+
 def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
     """One row per ood split (ID scores against that split's), then their mean."""
     rows = []

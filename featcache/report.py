@@ -22,7 +22,11 @@ from featcache.tables import best_per_method
 
 
 def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
-    """(one dict per method: {method, params, <ood>: row}, ood names, which configuration is shown)."""
+    """(one dict per method: {method, params, <ood>: row}, ood names, which configuration is shown).
+
+    The ood names are the splits, then the groups of splits (`group:<label>`, the mean over the
+    group), as the CSV has them; each becomes a column of the tables.
+    """
     selection = results_dir / "selection.csv"
     sweep = results_dir / "sweep.csv"
     if selection.exists():

@@ -18,6 +18,31 @@ METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 MEAN = "mean"
 
+# Rows of a group of ood splits (OpenOOD v1.5's near- and far-OOD): ood = "group:<label>"
+GROUP_PREFIX = "group:"
+
+
+def with_group_rows(rows: list[dict], groups: dict[str, str]) -> list[dict]:
+    """`rows` (per configuration: a row per ood split, then its `mean` row) with, before each mean
+    row, one row per group of splits: ood = "group:<label>", each metric the mean over the group's
+    splits (other columns as in the mean row). Groups in the order their first split appears."""
+    if not groups:
+        return rows
+    out, pending = [], []
+    for row in rows:
+        if row["ood"] != MEAN:
+            pending.append(row)
+            out.append(row)
+            continue
+        labels = list(dict.fromkeys(groups[r["ood"]] for r in pending if r["ood"] in groups))
+        for label in labels:
+            members = [r for r in pending if groups.get(r["ood"]) == label]
+            out.append({**row, "ood": GROUP_PREFIX + label,
+                        **{m: float(sum(r[m] for r in members) / len(members)) for m in METRICS}})
+        out.append(row)
+        pending = []
+    return out
+
 
 def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
     """Write atomically: a reader never sees half a results file."""

@@ -28,7 +28,7 @@ from featcache.methods.nap import combine_scores, nap_input, shared_nap_score, s
 from featcache.metrics import ood_metrics
 from featcache.grid import expand_grid
 from featcache.replay import Replay, evaluate, refuse_flat_prepool
-from featcache.results import METRICS
+from featcache.results import METRICS, with_group_rows
 
 W_TOL = 1 / 64
 CRITERIA = ("auroc", "fpr95")
@@ -118,8 +118,10 @@ def paper_config(method: Method, overrides: dict, benchmark: str | None) -> dict
 
 
 def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_defaults: dict | None = None,
-               benchmark: str | None = None, progress: bool = True) -> list[dict]:
-    """Rows of selection.csv: for each method and choice, metrics per ood split and their mean.
+               benchmark: str | None = None, progress: bool = True, groups: dict[str, str] | None = None,
+               pipeline_path=None) -> list[dict]:
+    """Rows of selection.csv: for each method and choice, metrics per ood split, per group of ood
+    splits (`groups`, {split: label}: rows `group:<label>`) and their mean.
 
     A method without a paper setting on `benchmark` (and no override in `paper_defaults`) has no
     paper_default rows.
@@ -129,7 +131,7 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
     if criterion not in CRITERIA:
         raise FeatcacheError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if not replay.pseudo_oods:
-        raise FeatcacheError("selection needs pseudo_ood splits (corrupted id_val data) in the cache; it has none")
+        raise FeatcacheError(missing_pseudo_ood(replay.id_val.name if replay.id_val else "<id_val dataset>", pipeline_path))
     expand_grid(grid)  # every name and value checked before any work
     refuse_flat_prepool(replay, grid)
     validation = Target(replay.id_val, replay.pseudo_oods)
@@ -146,10 +148,19 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
         for choice, params in configs.items():
             if params is None:
                 continue
-            for row in evaluate(method, params, replay):
+            for row in with_group_rows(evaluate(method, params, replay), groups or {}):
                 rows.append({"method": method.name, "choice": choice, **row,
                              "selection_auroc": value[-1] if choice == "selected" else ""})
     return rows
+
+
+def missing_pseudo_ood(id_val: str, pipeline_path=None) -> str:
+    """What to add, and where, when a cache has no pseudo_ood split to select on."""
+    where = pipeline_path or "the pipeline"
+    command = f"featcache extract {pipeline_path} --overwrite" if pipeline_path else "featcache extract PIPELINE --overwrite"
+    return (f"selection needs pseudo_ood splits (corrupted id_val data, NAP appendix H) and the cache has none; add "
+            f"the line `pseudo_ood: {{of: {id_val}, corruptions: all, severity: 3, per_corruption: 200}}` to {where} "
+            f"(top level, beside `splits:`), then extract again: {command}")
 
 
 SELECTION_COLUMNS = ("method", "choice", "params", "ood") + METRICS + ("id_acc", "selection_auroc")

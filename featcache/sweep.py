@@ -13,13 +13,18 @@ from featcache.cache.reader import open_cache
 from featcache.cluster import dask_client
 from featcache.grid import batches_by_method, expand_grid, params_key
 from featcache.progress import ProgressStore
-from featcache.replay import load_replay, refuse_flat_prepool, sweep_batch
-from featcache.results import write_csv, write_meta
+from featcache.replay import load_replay, ood_groups, refuse_flat_prepool, sweep_batch
+from featcache.results import with_group_rows, write_csv, write_meta
 
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
-              storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None) -> list[dict]:
+              storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
+              groups: dict[str, str] | None = None, groups_where: str = "groups") -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
+
+    Besides a row per ood split and their mean, each configuration gets a row per group of ood
+    splits (`group:<label>`, the mean over the group): groups from the splits' `group` attributes,
+    with `groups` ({split: label}, a pipeline's `groups:`, named `groups_where` in errors) over them.
 
     Configurations already in the progress store for this cache's fingerprint are not computed
     again; with `jobs` > 1, batches of configurations run in parallel joblib workers, each reading
@@ -38,6 +43,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
         # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
         refuse_flat_prepool(load_replay(cache), [m.name for m, _ in configs])
         fingerprint = cache.fingerprint
+        groups = ood_groups(cache, groups, groups_where)
     store = ProgressStore(out_path, fingerprint)
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
@@ -57,7 +63,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
         if client is not None:
             client.close()
     bar.close()
-    rows = [row for m, p in configs for row in store.done[(m.name, params_key(p))]]
+    rows = with_group_rows([row for m, p in configs for row in store.done[(m.name, params_key(p))]], groups)
     write_csv(rows, out_path)
     write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs),
                nap_nonpositive=nonpositive_counts(store, configs))

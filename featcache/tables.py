@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featcache.results import MEAN
+from featcache.results import GROUP_PREFIX, MEAN
 
 
 def best_per_method(rows: list[dict]) -> list[dict]:
@@ -21,10 +21,16 @@ def best_per_method(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Paper-style table (percent) of the best configuration per method, averaged over ood splits."""
-    head = f"{'method':<14} {'params':<44} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} {'ID acc':>7}"
+    """Paper-style table (percent) of the best configuration per method, averaged over ood splits,
+    then FPR95 / AUROC averaged over each group of ood splits (rows `group:<label>`) where there are any."""
+    groups = list(dict.fromkeys(r["ood"] for r in rows if r["ood"].startswith(GROUP_PREFIX)))
+    by_config = {(r["method"], r["params"], r["ood"]): r for r in rows if r["ood"] in groups}
+    head = (f"{'method':<14} {'params':<44} {'FPR95':>7} {'AUROC':>7} {'AUPR-In':>8} {'AUPR-Out':>8} {'ID acc':>7}"
+            + "".join(f" {g[len(GROUP_PREFIX):] + ' FPR95/AUROC':>20}" for g in groups))
     lines = [head, "-" * len(head)]
     for r in sorted(best_per_method(rows), key=lambda r: (r["fpr95"], -r["auroc"])):
+        cells = "".join(f" {100 * g['fpr95']:11.2f} / {100 * g['auroc']:6.2f}"
+                        for g in (by_config[(r["method"], r["params"], name)] for name in groups))
         lines.append(f"{r['method']:<14} {r['params']:<44} {100 * r['fpr95']:7.2f} {100 * r['auroc']:7.2f} "
-                     f"{100 * r['aupr_in']:8.2f} {100 * r['aupr_out']:8.2f} {100 * r['id_acc']:7.2f}")
+                     f"{100 * r['aupr_in']:8.2f} {100 * r['aupr_out']:8.2f} {100 * r['id_acc']:7.2f}{cells}")
     return "\n".join(lines)

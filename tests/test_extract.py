@@ -60,10 +60,12 @@ def test_logits_equal_features_through_head(digits):
 def test_channel_statistics_match_the_prepool_map(digits):
     """chan_max / chan_mean recomputed by running the model's layers by hand, not through featcache."""
     model = load_checkpoint(DigitsResNet(), digits["checkpoint"]).eval()
-    manifest = load_manifest(REPO / "data_manifest.yaml")
+    manifest = load_pipeline(digits["pipeline"]).manifest()  # with the pseudo_ood shorthand's splits
     cache = featcache.open_cache(digits["cache"])
-    for name in ("digits_test", "photos", "digits_val_contrast"):
-        images = torch.from_numpy(load_dataset(name, manifest, "m").images)
+    for name in ("digits_test", "photos", "digits_val_c_contrast"):
+        data = load_dataset(name, manifest, "m")
+        images = (torch.from_numpy(data.images) if hasattr(data, "images")
+                  else torch.stack([data[i][0] for i in range(len(data))]))
         with torch.no_grad():
             fmap = model.layer3(model.layer2(model.layer1(model.stem(images)))).numpy().astype(np.float64)
         split = cache.split(name)

@@ -196,7 +196,7 @@ def test_example_pipelines_are_valid_and_name_missing_data(name, capsys, monkeyp
 
     monkeypatch.chdir(REPO)
     pipeline = load_pipeline(REPO / "pipelines" / f"{name}.yaml")
-    validate_splits(pipeline, load_manifest(pipeline.manifest_path))
+    validate_splits(pipeline, pipeline.manifest())
     from featcache.grid import expand_grid
 
     assert expand_grid(pipeline.sweep)

@@ -102,10 +102,11 @@ def test_selection_csv_has_three_choices_per_method(digits, tmp_path):
     with open(tmp_path / "res" / "sel" / "selection.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     oods = sorted(s.name for s in featcache.open_cache(digits["cache"]).splits("ood"))
+    groups = ["group:far", "group:near"]  # the digits ood sets' groups (data_manifest.yaml)
     for method in GRID:
         for choice in ("selected", "paper_default", "oracle"):
             mine = [r for r in rows if r["method"] == method and r["choice"] == choice]
-            assert sorted(r["ood"] for r in mine) == sorted(oods + ["mean"])
+            assert sorted(r["ood"] for r in mine) == sorted(oods + groups + ["mean"])
     paper = {r["method"]: r["params"] for r in rows if r["choice"] == "paper_default"}
     assert json.loads(paper["ash_s"]) == {"p": 95}
     assert json.loads(paper["react"]) == {"percentile": 90, "percentile_of": "id_train"}

@@ -2,13 +2,15 @@
 
 Every generator returns grey images as float32 in [0, 1], shape (N, H, W), with labels (-1 for
 anything that is not in-distribution) and stable string ids. The entry's `transform` then resizes
-and normalises them; corruptions for pseudo-OOD splits act on the resized [0, 1] images, before
-normalisation, as in ImageNet-C.
+and normalises them.
+
+`generator: corrupt` (pseudo-OOD, NAP appendix H) takes any other entry, generated or read from
+files, and applies one ImageNet-C corruption (featcache.extract.corruptions) to each of its images
+after the resize and crop and before normalisation, as ImageNet-C does; see `CorruptedImages`.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,86 +136,6 @@ def gen_noise(n: int, seed: int = 0, canvas: int = 16, kind: str = "uniform", **
     return images.astype(np.float32), np.full(n, -1, np.int64), ids
 
 
-# --- Corruptions for pseudo-OOD (after Hendrycks & Dietterich 2019; NAP appendix H) ---------------
-
-
-def _gaussian_noise(x, s, rng):
-    return x + rng.normal(scale=[0.08, 0.12, 0.18, 0.26, 0.38][s - 1], size=x.shape)
-
-
-def _shot_noise(x, s, rng):
-    lam = [60, 25, 12, 5, 3][s - 1]
-    return rng.poisson(np.clip(x, 0, 1) * lam) / lam
-
-
-def _impulse_noise(x, s, rng):
-    amount = [0.03, 0.06, 0.09, 0.17, 0.27][s - 1]
-    out = x.copy()
-    mask = rng.uniform(size=x.shape)
-    out[mask < amount / 2] = 0.0
-    out[mask > 1 - amount / 2] = 1.0
-    return out
-
-
-def _gaussian_blur(x, s, rng):
-    from scipy.ndimage import gaussian_filter
-
-    sigma = [0.5, 0.8, 1.1, 1.5, 2.0][s - 1]
-    return np.stack([gaussian_filter(img, sigma) for img in x])
-
-
-def _contrast(x, s, rng):
-    c = [0.4, 0.3, 0.2, 0.1, 0.05][s - 1]
-    mean = x.mean(axis=(1, 2), keepdims=True)
-    return (x - mean) * c + mean
-
-
-def _pixelate(x, s, rng):
-    from PIL import Image
-
-    factor = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
-    h, w = x.shape[1:]
-    small = (max(1, int(w * factor)), max(1, int(h * factor)))
-    out = []
-    for img in x:
-        pil = Image.fromarray(img.astype(np.float32), mode="F")
-        out.append(np.asarray(pil.resize(small, Image.BOX).resize((w, h), Image.NEAREST)))
-    return np.stack(out)
-
-
-def _jpeg(x, s, rng):
-    from PIL import Image
-
-    quality = [25, 18, 15, 10, 7][s - 1]
-    out = []
-    for img in x:
-        buf = io.BytesIO()
-        Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), mode="L").save(buf, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255.0)
-    return np.stack(out)
-
-
-CORRUPTIONS = {
-    "gaussian_noise": _gaussian_noise,
-    "shot_noise": _shot_noise,
-    "impulse_noise": _impulse_noise,
-    "gaussian_blur": _gaussian_blur,
-    "contrast": _contrast,
-    "pixelate": _pixelate,
-    "jpeg": _jpeg,
-}
-
-
-def corrupt(images: np.ndarray, corruption: str, severity: int, seed: int = 0) -> np.ndarray:
-    """Apply one corruption at severity 1..5 to grey images in [0, 1]; the result is clipped to [0, 1]."""
-    if corruption not in CORRUPTIONS:
-        raise FeatcacheError(f"unknown corruption {corruption!r}; one of {', '.join(CORRUPTIONS)}")
-    if severity not in (1, 2, 3, 4, 5):
-        raise FeatcacheError(f"corruption severity must be 1 to 5, got {severity!r}")
-    rng = np.random.default_rng(seed)
-    return np.clip(CORRUPTIONS[corruption](images.astype(np.float64), severity, rng), 0, 1).astype(np.float32)
-
-
 GENERATORS = {"digits": gen_digits, "letters": gen_letters, "photos": gen_photos, "noise": gen_noise}
 
 
@@ -245,14 +167,7 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
     where = f"{manifest_path}: dataset {entry['name']!r}"
     generator = source.pop("generator")
     size = entry.get("transform", {}).get("resize")
-    if generator == "corrupt":
-        base = manifest_entry(manifest, source.get("of", ""), manifest_path)
-        images, labels, ids = _raw_images(base, manifest, manifest_path)
-        corruption, severity = source.get("corruption"), source.get("severity", 3)
-        images = corrupt(images, corruption, severity, seed=source.get("seed", 0))
-        ids = np.array([f"{i}#{corruption}@{severity}" for i in ids])
-        labels = np.full(len(ids), -1, np.int64)
-    elif generator in GENERATORS:
+    if generator in GENERATORS:
         try:
             if generator == "digits":
                 images, labels, ids = GENERATORS[generator](**source)
@@ -302,8 +217,15 @@ def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = ()) 
 
 def load_dataset(name: str, manifest: dict, manifest_path):
     """Manifest entry `name`, transformed, its declared size checked: an ImageSet (generated, in
-    memory) or a FileImages (read from files on access, see featcache.extract.files)."""
+    memory), a FileImages (read from files on access, see featcache.extract.files) or, for a
+    corrupt source, a CorruptedImages (its base corrupted on access)."""
     entry = manifest_entry(manifest, name, manifest_path)
+    if entry["source"].get("generator") == "corrupt":
+        data = load_corrupted(entry, manifest, manifest_path)
+        if entry.get("size") is not None and entry["size"] != len(data):
+            raise FeatcacheError(f"{manifest_path}: dataset {name!r} declares size {entry['size']} but its source gives "
+                                 f"{len(data)}")
+        return data
     if "path" in entry["source"]:
         from featcache.extract.files import load_files
 
@@ -320,3 +242,105 @@ def load_dataset(name: str, manifest: dict, manifest_path):
     if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
         labels = np.full(len(ids), -1, np.int64)
     return ImageSet(normalise(images, entry.get("transform", {})).astype(np.float32), labels, ids)
+
+
+# --- Pseudo-OOD: any data set under an ImageNet-C corruption ---------------------------------------
+
+CORRUPT_KEYS = ("generator", "of", "corruption", "severity", "seed", "subset")
+
+
+class CorruptedImages:
+    """Rows `rows` of a base data set, each corrupted on access; a torch Dataset like FileImages.
+
+    The base is either a FileImages, whose images are read, resized and cropped (`geometry`) on
+    access, or a uint8 array of generated images already resized. Each image is corrupted with its
+    own generator, seeded from (seed, base sample id), then made a tensor and normalised (`tensor`).
+    Nothing but the base is held: the corrupted images exist only inside a batch.
+    """
+
+    def __init__(self, base, base_ids, labels, rows, corruption: str, severity: int, seed: int, geometry, tensor,
+                 where: str):
+        self.base, self.base_ids, self.rows = base, np.asarray(base_ids), np.asarray(rows, np.int64)
+        self.corruption, self.severity, self.seed = corruption, int(severity), int(seed)
+        self.geometry, self.tensor, self.where = geometry, tensor, where
+        self.base_labels = np.asarray(labels, np.int64)
+        self.labels = self.base_labels[self.rows]
+        self.ids = np.array([f"{self.base_ids[r]}#{corruption}@{severity}" for r in self.rows])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        from featcache.extract.corruptions import corrupt, sample_rng
+
+        i = int(self.rows[k])
+        try:
+            if isinstance(self.base, np.ndarray):
+                image = self.base[i]
+            else:
+                image = np.asarray(self.geometry(self.base.image(i)))
+        except Exception:
+            return None, False  # reported by the runner in the main process, with the file's name
+        image = corrupt(image, self.corruption, self.severity, sample_rng(self.seed, str(self.base_ids[i])))
+        return self.tensor(image), True
+
+    def subset(self, lo: int, hi: int) -> "CorruptedImages":
+        return CorruptedImages(self.base, self.base_ids, self.base_labels, self.rows[lo:hi], self.corruption,
+                               self.severity, self.seed, self.geometry, self.tensor, self.where)
+
+    def describe(self, k: int) -> str:
+        i = int(self.rows[k])
+        return self.where if isinstance(self.base, np.ndarray) else self.base.describe(i)
+
+
+def subset_rows(n: int, size, seed: int, corruption: str, where: str) -> np.ndarray:
+    """All of 0..n-1, or `size` of them drawn without replacement (sorted), from a generator seeded
+    by sha256 of "<seed>/subset/<corruption>": each corruption sees other images of the base."""
+    import hashlib
+
+    if size is None or size >= n:
+        return np.arange(n)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise FeatcacheError(f"{where}: source.subset must be a positive integer, got {size!r}")
+    digest = hashlib.sha256(f"{int(seed)}/subset/{corruption}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def load_corrupted(entry: dict, manifest: dict, manifest_path) -> CorruptedImages:
+    """`source: {generator: corrupt, of: <dataset>, corruption, severity (1-5, default 3), seed
+    (default 0), subset (optional: that many images of the base)}`. The entry's transform (by
+    default the base's) resizes and crops, then the corruption, then ToTensor and Normalize."""
+    from featcache.extract.corruptions import check_corruption
+    from featcache.extract.files import load_files, transform_parts
+
+    source = entry["source"]
+    where = f"{manifest_path}: dataset {entry['name']!r}"
+    unknown = sorted(set(source) - set(CORRUPT_KEYS))
+    if unknown:
+        raise FeatcacheError(f"{where}: unknown field source.{unknown[0]} of a corrupt source; fields: "
+                             f"{', '.join(CORRUPT_KEYS)}")
+    of = source.get("of")
+    if not isinstance(of, str) or not of:
+        raise FeatcacheError(f"{where}: a corrupt source needs 'of', the manifest dataset whose images it corrupts")
+    base = manifest_entry(manifest, of, manifest_path)
+    if base["source"].get("generator") == "corrupt":
+        raise FeatcacheError(f"{where}: source.of names {of!r}, itself a corrupt source; name the clean data set")
+    corruption, severity = source.get("corruption"), source.get("severity", 3)
+    check_corruption(corruption, severity, where)
+    seed = source.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise FeatcacheError(f"{where}: source.seed must be an integer, got {seed!r}")
+    transform = entry.get("transform") or base.get("transform") or {}
+    geometry, tensor = transform_parts(transform, where)
+    if "path" in base["source"]:
+        files = load_files(base["source"], transform, base["role"], f"{manifest_path}: dataset {of!r}")
+        base_data, ids, labels = files, files.ids, files.labels
+    else:
+        images, labels, ids = _raw_images({**base, "transform": transform}, manifest, manifest_path)
+        # the generators give floats in [0, 1]; ImageNet-C corrupts 8-bit images
+        base_data = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
+    if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
+        labels = np.full(len(ids), -1, np.int64)
+    rows = subset_rows(len(ids), source.get("subset"), seed, corruption, where)
+    return CorruptedImages(base_data, ids, labels, rows, corruption, severity, seed, geometry, tensor, where)

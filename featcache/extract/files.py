@@ -92,16 +92,27 @@ def build_transform(spec: dict, where: str):
     """A torchvision transform from a manifest `transform:` entry."""
     from torchvision import transforms as T
 
+    geometry, tensor = transform_parts(spec, where)
+    return T.Compose(geometry.transforms + tensor.transforms)
+
+
+def transform_parts(spec: dict, where: str):
+    """The entry's transform in two: resize and crop (PIL to PIL), then ToTensor and Normalize.
+
+    ImageNet-C corrupts images between the two (see featcache.extract.corruptions).
+    """
+    from torchvision import transforms as T
+
     spec = resolve_transform(spec, where)
-    steps = []
+    geometry = []
     if spec.get("resize"):
-        steps.append(T.Resize(int(spec["resize"]), interpolation=T.InterpolationMode.BILINEAR, antialias=True))
+        geometry.append(T.Resize(int(spec["resize"]), interpolation=T.InterpolationMode.BILINEAR, antialias=True))
     if spec.get("crop"):
-        steps.append(T.CenterCrop(int(spec["crop"])))
-    steps.append(T.ToTensor())
+        geometry.append(T.CenterCrop(int(spec["crop"])))
+    tensor = [T.ToTensor()]
     if spec.get("normalize"):
-        steps.append(T.Normalize(spec["normalize"]["mean"], spec["normalize"]["std"]))
-    return T.Compose(steps)
+        tensor.append(T.Normalize(spec["normalize"]["mean"], spec["normalize"]["std"]))
+    return T.Compose(geometry), T.Compose(tensor)
 
 
 class FileImages:
@@ -115,18 +126,20 @@ class FileImages:
         return len(self.ids)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         try:
-            if self.arrays is not None:
-                image = Image.fromarray(self.arrays[i])
-            else:
-                with Image.open(self.items[i]) as img:
-                    image = img.convert("RGB")
-            return self.transform(image), True
+            return self.transform(self.image(i)), True
         except Exception:
             # reported by the runner in the main process, with the file's name
             return None, False
+
+    def image(self, i):
+        """Sample i as an RGB PIL image, before any transform."""
+        from PIL import Image
+
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i])
+        with Image.open(self.items[i]) as img:
+            return img.convert("RGB")
 
     def subset(self, lo: int, hi: int) -> "FileImages":
         items = self.items[lo:hi] if self.arrays is None else self.items

@@ -15,7 +15,7 @@ from torch import nn
 import featcache
 from featcache.cache.verify import check_logits
 from featcache.cache.writer import CacheWriter, fingerprint, is_disk_full
-from featcache.config import Pipeline, load_manifest, manifest_entry
+from featcache.config import Pipeline, manifest_entry
 from featcache.errors import DiskFull, FeatcacheError
 from featcache.extract.backbones import (
     accuracy,
@@ -199,7 +199,7 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     data set, and running the backbone and writing.
     """
     out = Path(out) if out else pipeline.cache
-    manifest = load_manifest(pipeline.manifest_path)
+    manifest = pipeline.manifest()
     entries = validate_splits(pipeline, manifest)
     resolved = {e["name"]: resolved_entry(e["name"], manifest, pipeline.manifest_path) for e in entries}
     # refuses an existing output, or one another extraction is writing, before any work
@@ -273,7 +273,10 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
             t1 = time.perf_counter()
             split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
-                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
+                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0),
+                          "of": entry["source"].get("of", "")}
+            if entry.get("group"):
+                extra["group"] = entry["group"]
             split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
             if not _same_ids(writer, split, data):
                 # the partial's rows of this split came from other samples (files added, removed or

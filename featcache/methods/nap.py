@@ -21,7 +21,7 @@ import numpy as np
 
 from featcache.methods.data import Output, original_predictions
 from featcache.methods.kernels import row_reduce
-from featcache.methods.registry import Method, register
+from featcache.methods.registry import REGISTRY, Method, register
 
 NAP_EPS = 1.0
 
@@ -72,5 +72,6 @@ def combine(base: Method) -> Method:
     paper = None
     if base.name in PAPER_W:
         paper = {"w": PAPER_W[base.name], **(base.paper_default or {})}
+    version = f"nap{REGISTRY['nap'].version}+{base.name}{base.version}"  # either code changing changes it
     return Method(f"nap+{base.name}", score, {"w": 0.5, "eps": NAP_EPS, **base.defaults}, base.positive,
-                  base.one_of, paper, base.integer)
+                  base.one_of, paper, base.integer, version)

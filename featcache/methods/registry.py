@@ -27,6 +27,9 @@ class Method:
     one_of: tuple = ()  # groups of parameters of which at most one may be given
     paper_default: dict | None = None  # the source paper's recommended setting, where it gives one
     integer: tuple = ()  # parameters that must be integers (k of KNN)
+    # Bumped whenever a change to the method's code changes its numbers, so that saved progress
+    # computed by the old code is recomputed rather than reused.
+    version: str = "1"
 
     def resolve(self, params: dict) -> dict:
         """Defaults filled in and every value checked; errors name the method, parameter and value."""
@@ -63,13 +66,17 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, defaults: dict | None = None, positive: str = "exp", one_of: tuple = (),
-             paper_default: dict | None = None, integer: tuple = ()):
-    """Register `fn(data, head, fit, **params) -> Output` under `name`."""
+             paper_default: dict | None = None, integer: tuple = (), version: int | str = 1):
+    """Register `fn(data, head, fit, **params) -> Output` under `name`.
+
+    `version` names the revision of the method's code: raise it when a fix changes the scores, and
+    sweeps recompute what they had saved with the old code.
+    """
 
     def wrap(fn):
         if name in REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        REGISTRY[name] = Method(name, fn, dict(defaults or {}), positive, one_of, paper_default, integer)
+        REGISTRY[name] = Method(name, fn, dict(defaults or {}), positive, one_of, paper_default, integer, str(version))
         return fn
 
     return wrap

@@ -136,8 +136,9 @@ def info(cache):
 @click.option("--backend", type=click.Choice(["loky", "dask"]), default="loky", show_default=True,
               help="joblib backend for --jobs; dask sends batches to a dask.distributed cluster.")
 @click.option("--scheduler", default=None, help="With --backend dask: the scheduler's address (default: a local cluster).")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a sweep results file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
+def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet):
     """Replay every method and grid of PIPELINE's `sweep:` from its cache; write metrics per ood split.
 
     Finished configurations are kept (keyed by cache fingerprint, method and parameters), so an
@@ -150,7 +151,8 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
     rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
-                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups")
+                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
+                     overwrite=overwrite)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
@@ -164,8 +166,9 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, quiet):
               help="Results CSV (default: results/<pipeline name>/selection.csv).")
 @click.option("--criterion", type=click.Choice(["auroc", "fpr95"]), default=None,
               help="What the search maximises on pseudo-OOD: mean AUROC (default) or minus mean FPR95.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a selection results file.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def select_command(pipeline, cache_path, out, criterion, quiet):
+def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     """Choose each method's hyperparameters on id_val against pseudo_ood splits only, then evaluate.
 
     Shows the chosen configuration beside the papers' default and the oracle (best on test OOD).
@@ -173,21 +176,22 @@ def select_command(pipeline, cache_path, out, criterion, quiet):
     from featcache.cache.reader import open_cache
     from featcache.config import load_pipeline
     from featcache.select import SELECTION_COLUMNS, format_selection, run_select
-    from featcache.replay import load_replay, ood_groups
-    from featcache.results import write_csv, write_meta
+    from featcache.replay import check_fingerprint, load_replay, ood_groups
+    from featcache.results import guard_output, write_csv, write_meta
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})
-    out = out or spec.results_dir / "selection.csv"
+    out = guard_output(out or spec.results_dir / "selection.csv", "selection", overwrite, SELECTION_COLUMNS)
     cache_path = cache_path or spec.cache
     with open_cache(cache_path) as cache:
         replay = load_replay(cache, with_selection=True)
         rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
                           paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark, progress=not quiet,
                           groups=ood_groups(cache, spec.groups, f"{spec.path}: groups"), pipeline_path=spec.path)
+    check_fingerprint(cache_path, replay.fingerprint)  # every number above came from one cache
     write_csv(rows, out, SELECTION_COLUMNS)
-    write_meta(out, fingerprint=replay.fingerprint, cache=str(cache_path), criterion=criterion or options.get("criterion", "auroc"),
-               benchmark=spec.benchmark)
+    write_meta(out, command="selection", fingerprint=replay.fingerprint, cache=str(cache_path),
+               criterion=criterion or options.get("criterion", "auroc"), benchmark=spec.benchmark)
     click.echo(f"selection -> {out}")
     click.echo(f"mean over ood splits, percent; paper defaults for benchmark {spec.benchmark or '(none declared)'}; "
                "the oracle column looked at the test OOD data:")
@@ -237,22 +241,23 @@ def verify(cache, sample_rows):
 @click.argument("results_b", type=click.Path(exists=False))
 @click.option("--partial", is_flag=True, help="Compare only the configurations both sweeps have.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the comparison as CSV.")
-def compare_command(results_a, results_b, partial, out):
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a comparison file.")
+def compare_command(results_a, results_b, partial, out, overwrite):
     """Show the same grid from two sweeps (two backbones, or a teammate's cache) side by side.
 
     RESULTS_A and RESULTS_B are sweep.csv files or the results directories holding them.
     """
-    import csv
+    from pathlib import Path
 
-    from featcache.report import compare, format_compare
+    from featcache.report import COMPARE_COLUMNS, compare, format_compare
+    from featcache.results import guard_output, write_csv
 
+    if out:
+        guard_output(out, "compare", overwrite, COMPARE_COLUMNS)  # before the work, not after it
     rows = compare(results_a, results_b, partial=partial)
     click.echo(format_compare(rows, str(results_a), str(results_b)))
     if out:
-        with open(out, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["method"])
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, Path(out), COMPARE_COLUMNS)
 
 
 @cli.command(name="methods")

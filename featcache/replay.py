@@ -156,8 +156,25 @@ def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData |
     return metric_rows(method.name, params, out_id.scores, accuracy(out_id.predictions, id_split.labels), ood_scores)
 
 
-def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None
-                ) -> tuple[list[dict], dict, list[dict]]:
+def check_fingerprint(cache_path, expected: str, storage_options: dict | None = None, cache: Cache | None = None):
+    """Refuse to go on when the cache at `cache_path` no longer has the fingerprint a run started with.
+
+    A cache replaced or rewritten while a sweep runs would otherwise mix two caches in one results
+    file; with `cache` given, that open cache is checked instead of opening the path again.
+    """
+    if cache is None:
+        with open_cache(cache_path, storage_options=storage_options) as reopened:
+            found = reopened.fingerprint
+    else:
+        found = cache.fingerprint
+    if found != expected:
+        raise FeatcacheError(f"{cache_path}: the cache changed while this run was using it (fingerprint "
+                             f"{expected[:12]} when it started, now {found[:12]}); nothing from the new cache "
+                             "was kept: run the command again to use it")
+
+
+def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None, *,
+                fingerprint: str | None = None, scratch=None) -> tuple[list[dict], dict, list[dict]]:
     """Metric rows of `configs` (method name, parameters), computed one split at a time.
 
     Each split's arrays and its memo of shared work are held only while every configuration of
@@ -166,31 +183,53 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     timings (the batch's seconds in all, and those spent reading the cache), and for each
     configuration whose method counts samples with S_X <= 0 (nap+X in the paper form)
     {"method", "params", "nonpositive": {split name: count}}.
+
+    `fingerprint`: the cache's fingerprint when the sweep started; the batch stops with an error if
+    the cache it opens, or the one at the path once its scores are computed, has another.
+    `scratch` (a `progress.ScoreScratch`): scores of each (configuration, split) are saved there as
+    soon as they are computed, and those already saved are not computed again.
     """
     import time
 
     started, read_clock = time.perf_counter(), [0.0]
     with open_cache(cache_path, storage_options=storage_options) as cache:
+        if fingerprint is not None:
+            check_fingerprint(cache_path, fingerprint, cache=cache)
+        sizes = {split.name: split.n for split in cache.splits()}
         replay = load_replay(cache, read_clock=read_clock)
         methods = [(get_method(name), params) for name, params in configs]
-        outputs = [method(replay.id_test, replay.head, replay.fit, **params) for method, params in methods]
-        id_scores = [out.scores for out in outputs]
-        id_acc = [accuracy(out.predictions, replay.id_test.labels) for out in outputs]
         counts: list[dict] = [{} for _ in methods]
-        for count, out in zip(counts, outputs):
-            if out.nonpositive is not None:
-                count[replay.id_test.name] = out.nonpositive
+
+        def scores_on(data: SplitData, is_id: bool) -> list:
+            """Per configuration, its scores on one split (and the ID accuracy on the ID split), taken
+            from the scratch or computed and saved there."""
+            found = []
+            for (method, params), count in zip(methods, counts):
+                key = params_key(params)
+                saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
+                if saved is None:
+                    out = method(data, replay.head, replay.fit, **params)
+                    acc = accuracy(out.predictions, data.labels) if is_id else None
+                    saved = (np.asarray(out.scores, dtype=np.float64), acc, out.nonpositive)
+                    if scratch is not None:
+                        scratch.save(method.name, key, data.name, *saved)
+                scores, acc, nonpositive = saved
+                if nonpositive is not None:
+                    count[data.name] = nonpositive
+                found.append((scores, acc))
+            return found
+
+        id_results = scores_on(replay.id_test, is_id=True)
         replay.id_test = None
         ood_scores: list[dict] = [{} for _ in methods]
         for i, ood in enumerate(replay.oods):
-            for scores, count, (method, params) in zip(ood_scores, counts, methods):
-                out = method(ood, replay.head, replay.fit, **params)
-                scores[ood.name] = out.scores
-                if out.nonpositive is not None:
-                    count[ood.name] = out.nonpositive
+            for scores, (found, _) in zip(ood_scores, scores_on(ood, is_id=False)):
+                scores[ood.name] = found
             replay.oods[i] = None  # release the split and its memo before the next one is read
+    if fingerprint is not None:
+        check_fingerprint(cache_path, fingerprint, storage_options)  # the path may hold another cache by now
     rows = []
-    for (method, params), ids, acc, oods in zip(methods, id_scores, id_acc, ood_scores):
+    for (method, params), (ids, acc), oods in zip(methods, id_results, ood_scores):
         rows.extend(metric_rows(method.name, params, ids, acc, oods))
     nonpositive = [{"method": method.name, "params": params_key(params), "nonpositive": count}
                    for (method, params), count in zip(methods, counts) if count]

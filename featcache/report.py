@@ -110,12 +110,30 @@ def figure_name(kind: str, method: str) -> str:
     return f"{kind}_{method.replace('+', '_plus_')}.png"
 
 
+def results_fingerprint(results_dir: Path) -> str | None:
+    """The cache fingerprint the results in `results_dir` came from; refuses results of two caches."""
+    from featcache.results import meta_path
+
+    found = {}
+    for name in ("sweep.csv", "selection.csv"):
+        meta = meta_path(results_dir / name)
+        if (results_dir / name).exists() and meta.exists():
+            try:
+                found[name] = json.loads(meta.read_text(encoding="utf-8"))["fingerprint"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise FeatcacheError(f"{meta}: not a readable results meta file") from None
+    if len(set(found.values())) > 1:
+        raise FeatcacheError(f"{results_dir}: sweep.csv and selection.csv come from different caches (fingerprints "
+                             f"{found['sweep.csv'][:12]} and {found['selection.csv'][:12]}); run them again on one cache")
+    return next(iter(found.values()), None)
+
+
 def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
     """Sensitivity figures from sweep.csv, and score figures recomputed from the cache."""
     from featcache.cache.reader import open_cache
     from featcache.methods import get_method
     from featcache.plots import scores_figure, sensitivity_figure
-    from featcache.replay import load_replay
+    from featcache.replay import check_fingerprint, load_replay
 
     figures_dir = results_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +147,11 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
             if path:
                 figures.append((f"{method}: metrics against its hyperparameter", path))
     table, _, label = table_rows(results_dir)
+    expected = results_fingerprint(results_dir)
     with open_cache(cache_path) as cache:
+        if expected is not None and cache.fingerprint != expected:
+            raise FeatcacheError(f"{cache_path}: fingerprint {cache.fingerprint[:12]} is not that of the cache the results "
+                                 f"in {results_dir} came from ({expected[:12]}); sweep it again, or report with --cache")
         replay = load_replay(cache)
         for entry in table:
             method, params = get_method(entry["method"]), json.loads(entry["params"])
@@ -137,6 +159,7 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
             oods = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
             path = scores_figure(method.name, params, id_scores, oods, figures_dir / figure_name("scores", method.name))
             figures.append((f"{method.name}: scores and ROC ({'selected on pseudo-OOD' if 'selected' in label else 'oracle'})", path))
+    check_fingerprint(cache_path, replay.fingerprint)  # the cache was not replaced while the figures were drawn
     return figures
 
 
@@ -239,6 +262,9 @@ def write_tables(results_dir: Path) -> dict[str, Path]:
 def _results_csv(path) -> Path:
     path = Path(path)
     return path / "sweep.csv" if path.is_dir() else path
+
+
+COMPARE_COLUMNS = ("method", "params", "fpr95_a", "auroc_a", "fpr95_b", "auroc_b", "fpr95_diff", "auroc_diff")
 
 
 def compare(results_a, results_b, *, partial: bool = False) -> list[dict]:

@@ -79,10 +79,53 @@ def write_meta(results_csv: Path, **meta) -> Path:
 
     import featcache
 
-    path = results_csv.with_name(results_csv.stem + ".meta.json")
+    path = meta_path(results_csv)
     meta = {**meta, "featcache_version": featcache.__version__,
             "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def meta_path(results_csv) -> Path:
+    results_csv = Path(results_csv)
+    return results_csv.with_name(results_csv.stem + ".meta.json")
+
+
+def _header(path: Path) -> list[str] | None:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader([fh.readline(1 << 16)]), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _is_meta(path: Path, command: str) -> bool:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    # meta files from before "command" was recorded carry the fingerprint alone
+    return isinstance(meta, dict) and "fingerprint" in meta and meta.get("command", command) == command
+
+
+def guard_output(path, command: str, overwrite: bool = False, columns=COLUMNS) -> Path:
+    """Refuse an output path that holds something other than `command`'s results, unless `overwrite`.
+
+    A results file is recognised by its header (exactly `columns`); the meta file beside it must be
+    one of `command`'s too. A cache, a pipeline or any other file is never replaced by accident.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FeatcacheError(f"{path}: is a directory; --out takes a file name")
+    if overwrite:
+        return path
+    if path.exists() and _header(path) != list(columns):
+        raise FeatcacheError(f"{path}: exists and is not a {command} results file; not replacing it "
+                             "(choose another --out, or pass --overwrite)")
+    meta = meta_path(path)
+    if meta.exists() and not _is_meta(meta, command):
+        raise FeatcacheError(f"{meta}: exists and is not the meta file of {command} results; not replacing it "
+                             "(choose another --out, or pass --overwrite)")
     return path

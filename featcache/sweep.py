@@ -14,12 +14,13 @@ from featcache.cluster import dask_client
 from featcache.grid import batches_by_method, expand_grid, params_key
 from featcache.progress import ProgressStore
 from featcache.replay import load_replay, ood_groups, refuse_flat_prepool, sweep_batch
-from featcache.results import with_group_rows, write_csv, write_meta
+from featcache.results import guard_output, with_group_rows, write_csv, write_meta
 
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
               storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
-              groups: dict[str, str] | None = None, groups_where: str = "groups") -> list[dict]:
+              groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False
+              ) -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Besides a row per ood split and their mean, each configuration gets a row per group of ood
@@ -31,6 +32,10 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     the cache itself, with the same results as a serial run. With backend "dask" the batches go to
     the dask cluster at `scheduler` (or to a local one with `jobs` workers); its workers must be able
     to read `cache_path` (a shared file system, or a Zarr URL on an object store).
+
+    Every batch checks that the cache still has the fingerprint the sweep started with, so a cache
+    replaced meanwhile stops the sweep instead of mixing into its results. `out_path` must be a
+    sweep results file or new, unless `overwrite`.
     """
     from contextlib import nullcontext
 
@@ -39,23 +44,29 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
 
     out_path = Path(out_path)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
+    guard_output(out_path, "sweep", overwrite)
     with open_cache(cache_path, storage_options=storage_options) as cache:
         # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
-        refuse_flat_prepool(load_replay(cache), [m.name for m, _ in configs])
+        replay = load_replay(cache)
+        refuse_flat_prepool(replay, [m.name for m, _ in configs])
         fingerprint = cache.fingerprint
         groups = ood_groups(cache, groups, groups_where)
-    store = ProgressStore(out_path, fingerprint)
+        ood_names = [ood.name for ood in replay.oods]
+        id_name = replay.id_test.name
+    versions = {m.name: m.version for m, _ in configs}
+    store = ProgressStore(out_path, fingerprint, versions, ood_names, id_name)
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
     batches = batches_by_method(todo)
     client = dask_client(scheduler, jobs) if backend == "dask" else None
+    each = dict(fingerprint=fingerprint, scratch=store.scores)
     try:
         with parallel_config(backend="dask") if client else nullcontext():
             if jobs == 1 and client is None:
-                finished = (sweep_batch(cache_path, batch, storage_options) for batch in batches)
+                finished = (sweep_batch(cache_path, batch, storage_options, **each) for batch in batches)
             else:
                 finished = Parallel(n_jobs=-1 if client else jobs, return_as="generator")(
-                    delayed(sweep_batch)(str(cache_path), batch, storage_options) for batch in batches)
+                    delayed(sweep_batch)(str(cache_path), batch, storage_options, **each) for batch in batches)
             for rows, timings, nonpositive in finished:
                 store.add(rows, timings, nonpositive)
                 bar.update(len({(r["method"], r["params"]) for r in rows}))
@@ -63,10 +74,11 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
         if client is not None:
             client.close()
     bar.close()
+    store.scores.remove_if_empty()
     rows = with_group_rows([row for m, p in configs for row in store.done[(m.name, params_key(p))]], groups)
     write_csv(rows, out_path)
-    write_meta(out_path, fingerprint=fingerprint, cache=str(cache_path), configurations=len(configs),
-               nap_nonpositive=nonpositive_counts(store, configs))
+    write_meta(out_path, command="sweep", fingerprint=fingerprint, cache=str(cache_path),
+               configurations=len(configs), nap_nonpositive=nonpositive_counts(store, configs))
     return rows
 
 

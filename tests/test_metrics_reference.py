@@ -151,6 +151,17 @@ def test_progress_rows_of_older_metric_definitions_are_not_reused(tmp_path):
     # a line written before the metrics followed the reference code: same cache, other definitions
     old = {"fingerprint": "a" * 64, "method": "energy", "params": '{"T": 1}', "rows": [row]}
     (tmp_path / ".sweep.csv.progress.jsonl").write_text(json.dumps(old) + "\n")
-    assert not ProgressStore(out, "a" * 64).done
-    ProgressStore(out, "a" * 64).add([row])
-    assert ProgressStore(out, "a" * 64).done
+
+    def store():
+        return ProgressStore(out, "a" * 64, {"energy": "1"}, [], "id_test")
+
+    assert not store().done
+    store().add([row])
+    assert store().done
+    older = json.loads((tmp_path / ".sweep.csv.progress.jsonl").read_text().splitlines()[-1])
+    older["metrics"] = "sklearn"  # the definitions before, with a digest that fits them
+    from featcache.progress import content_digest
+
+    older["digest"] = content_digest(older)
+    (tmp_path / ".sweep.csv.progress.jsonl").write_text(json.dumps(older) + "\n")
+    assert not store().done

@@ -240,10 +240,14 @@ def test_progress_of_another_cache_is_never_reused(digits, tmp_path):
     from featcache.progress import ProgressStore
 
     out = tmp_path / "sweep.csv"
-    ProgressStore(out, "a" * 64).add([{"method": "energy", "params": '{"T": 1}', "ood": "mean", "fpr95": 0.0,
-                                        "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "id_acc": 1.0}])
-    assert ProgressStore(out, "a" * 64).done
-    assert not ProgressStore(out, "b" * 64).done
+
+    def store(fingerprint):
+        return ProgressStore(out, fingerprint, {"energy": "1"}, [], "digits_test")
+
+    store("a" * 64).add([{"method": "energy", "params": '{"T": 1}', "ood": "mean", "fpr95": 0.0,
+                          "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0, "id_acc": 1.0}])
+    assert store("a" * 64).done
+    assert not store("b" * 64).done
 
 
 def test_sweep_on_a_local_dask_cluster_equals_serial(digits, tmp_path):

@@ -38,7 +38,7 @@ import numpy as np
 
 from featcache.methods.data import Output, original_predictions
 from featcache.methods.kernels import row_reduce
-from featcache.methods.registry import BENCHMARKS, Method, every_benchmark, register
+from featcache.methods.registry import BENCHMARKS, REGISTRY, Method, every_benchmark, register
 
 NAP_EPS = 1.0
 LOG_TINY = float(np.log(np.nextafter(0.0, 1.0)))  # -744.44: no log of a positive float64 is lower
@@ -94,6 +94,9 @@ PAPER_W = {
 }
 
 
+COMBINATION_VERSION = 2  # raised when the combination's formula changes
+
+
 def combine(base: Method) -> Method:
     """The method nap+<base>: parameters w (default 0.5), eps, form (paper | exp), plus all of base's.
 
@@ -114,5 +117,7 @@ def combine(base: Method) -> Method:
         w, own = PAPER_W[benchmark].get(base.name), base.paper.get(benchmark)
         if w is not None and own is not None:
             paper[benchmark] = {"w": w, "eps": NAP_EPS, "form": "paper", **own}
+    # the combination's own revision (2: the paper's S_X^w * S_NAP^(1-w)), NAP's and the base's
+    version = f"{COMBINATION_VERSION}:nap{REGISTRY['nap'].version}+{base.name}{base.version}"
     return Method(f"nap+{base.name}", score, {"w": 0.5, "eps": NAP_EPS, "form": "paper", **base.defaults},
-                  0.0, base.one_of, paper, base.integer, base.qualifies)
+                  0.0, base.one_of, paper, base.integer, base.qualifies, version)

@@ -46,6 +46,9 @@ class Method:
     paper: dict = field(default_factory=dict)  # benchmark -> the source papers' setting (absent: none given)
     integer: tuple = ()  # parameters that must be integers (k of KNN)
     qualifies: dict = field(default_factory=dict)  # parameter -> the one it qualifies (percentile_of -> percentile)
+    # Bumped whenever a change to the method's code changes its numbers, so that saved progress
+    # computed by the old code is recomputed rather than reused.
+    version: str = "1"
 
     def paper_default(self, benchmark: str) -> dict | None:
         """The papers' setting on `benchmark`, or None where the seeds give none."""
@@ -93,10 +96,13 @@ REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0, one_of: tuple = (),
-             paper: dict | None = None, integer: tuple = (), qualifies: dict | None = None):
+             paper: dict | None = None, integer: tuple = (), qualifies: dict | None = None,
+             version: int | str = 1):
     """Register `fn(data, head, fit, **params) -> Output` under `name`.
 
-    `paper` maps a benchmark of `BENCHMARKS` to the source papers' setting on it.
+    `paper` maps a benchmark of `BENCHMARKS` to the source papers' setting on it. `version` names
+    the revision of the method's code: raise it when a fix changes the scores, and sweeps recompute
+    what they had saved with the old code.
     """
 
     def wrap(fn):
@@ -106,7 +112,7 @@ def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0
         if unknown:
             raise ValueError(f"method {name!r}: unknown benchmark {unknown[0]!r} in its paper settings")
         REGISTRY[name] = Method(name, fn, dict(defaults or {}), nap_offset, one_of, dict(paper or {}), integer,
-                                dict(qualifies or {}))
+                                dict(qualifies or {}), str(version))
         return fn
 
     return wrap

@@ -12,7 +12,7 @@ from torch import nn
 
 import featcache
 from featcache.cache.verify import check_logits
-from featcache.cache.writer import CacheWriter, fingerprint
+from featcache.cache.writer import CacheWriter
 from featcache.config import Pipeline, load_manifest, manifest_entry
 from featcache.errors import FeatcacheError
 from featcache.extract.backbones import (
@@ -213,7 +213,6 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     resumed = writer.open(root_attrs, extractor.weight, extractor.bias)
     if resumed and progress:
         print(f"resuming {writer.partial}")
-    split_ids = {}
     try:
         for entry in entries:
             name = entry["name"]
@@ -231,7 +230,6 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
                 data = data.subset(lo, hi)
                 extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()
-            split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
                 extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0)}
             split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
@@ -253,7 +251,7 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
             split.finish()
             if timings is not None:
                 timings[name] = {"n": len(data), "load_s": t1 - t0, "extract_s": time.perf_counter() - t1}
-        return writer.finish(fingerprint(extractor.weight, extractor.bias, preprocessing, split_ids))
+        return writer.finish()
     finally:
         writer.close()
 

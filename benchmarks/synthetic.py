@@ -7,11 +7,12 @@ as the contract requires. The numbers mean nothing; only shapes, sparsity and sk
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from featcache.cache.writer import CacheWriter, fingerprint
+from featcache.cache.writer import CacheWriter
 
 IMAGENET_SPLITS = {  # name: (role, n)
     "id_train": ("id_train", 10_000),
@@ -38,8 +39,9 @@ def make_synthetic_cache(path, splits=None, d: int = 2048, k: int = 1000, seed: 
     channel_scale = rng.lognormal(0.0, 0.5, size=d).astype(np.float32)
     writer = CacheWriter(path, overwrite=overwrite)
     writer.open(dict(featcache_version="synthetic", torch_version="none", backbone="synthetic-resnet50",
-                     checkpoint_sha256="0" * 64, feature_layer="flatten", prepool_layer="layer4", prepool_size="7x7"), weight, bias)
-    ids = {}
+                     checkpoint_sha256="0" * 64, feature_layer="flatten", prepool_layer="layer4", prepool_size="7x7",
+                     precision="float32", device="none (synthetic)", preprocessing=json.dumps({"synthetic": seed})),
+                weight, bias)
     for name, (role, n) in splits.items():
         split = writer.split(name, role=role, source=f"synthetic:{name}", n=n, dims={"D": d, "C": d, "K": k},
                              chan_mean_is_features=True)
@@ -52,5 +54,4 @@ def make_synthetic_cache(path, splits=None, d: int = 2048, k: int = 1000, seed: 
             split.append({"features": x, "chan_max": chan_max, "chan_mean": x, "logits": x @ weight.T + bias,
                           "labels": labels.astype(np.int64), "ids": np.array([f"{name}/{i}" for i in range(start, start + rows)])})
         split.finish()
-        ids[name] = np.array([f"{name}/{i}" for i in range(n)])
-    return writer.finish(fingerprint(weight, bias, {"synthetic": seed}, ids))
+    return writer.finish()

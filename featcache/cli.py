@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -109,7 +110,13 @@ def info(cache):
     with open_cache(cache) as c:
         click.echo(f"{c.path} ({c.format})")
         for key in ROOT_ATTRS:
-            click.echo(f"  {key}: {c.attrs.get(key, '(missing)')}")
+            value = c.attrs.get(key, "(missing)")
+            if key == "preprocessing" and isinstance(value, str) and value.startswith("{"):
+                click.echo(f"  {key}:")  # one line per split: the resolved source and transform
+                for name, entry in json.loads(value).items():
+                    click.echo(f"    {name}: {json.dumps(entry, sort_keys=True)}")
+            else:
+                click.echo(f"  {key}: {value}")
         weight = c.store.shape("/head/weight")
         click.echo(f"  head: weight {weight} bias {c.store.shape('/head/bias')}")
         click.echo("splits:")
@@ -213,6 +220,16 @@ def report(pipeline, cache_path, no_figures):
     figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
     page = write_html(spec.results_dir, spec.name, figures)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f", {len(figures)} figures, {page}")
+
+
+@cli.command()
+@click.argument("cache", type=click.Path())
+def upgrade(cache):
+    """Upgrade a version-1 CACHE to version 2 in place: verify every checksum, then rewrite only the
+    root and head attributes (schema, content fingerprint, head checksums)."""
+    from featcache.cache.upgrade import upgrade as run_upgrade
+
+    click.echo(run_upgrade(cache))
 
 
 @cli.command()

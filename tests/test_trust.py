@@ -18,6 +18,7 @@ from featcache.cache.verify import verify
 from featcache.cli import main
 from featcache.config import load_pipeline
 from featcache.extract.runner import extract
+from tests.cache_helpers import restamp
 from tests.conftest import write_pipeline
 
 
@@ -49,16 +50,19 @@ def test_verify_passes_an_intact_cache(random_digits, capsys):
     assert "the cache is intact" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage, expect", [
-    (lambda f: f["splits/letters/features"].__setitem__((3, 2), 123.0), "letters/features: checksum DIFFERS"),
-    (lambda f: f["splits/photos"].attrs.__setitem__("complete", False), "photos: INCOMPLETE"),
-    (lambda f: f["splits/noise"].__delitem__("chan_max"), "noise: datasets missing chan_max"),
-    (lambda f: f["splits/digits_test/logits"].__setitem__((0, 0), 99.0), "digits_test: logits = features @ W.T + b"),
+@pytest.mark.parametrize("damage, expect, stamp", [
+    (lambda f: f["splits/letters/features"].__setitem__((3, 2), 123.0), "letters/features: checksum DIFFERS", False),
+    (lambda f: f["splits/photos"].attrs.__setitem__("complete", False), "photos: INCOMPLETE", False),
+    (lambda f: f["splits/noise"].__delitem__("chan_max"), "split 'noise' has no dataset 'chan_max'", False),
+    # written so by a faulty writer, checksums and all: verify's own logits check must find it
+    (lambda f: f["splits/digits_test/logits"].__setitem__((0, 0), 99.0), "digits_test: logits = features @ W.T + b", True),
 ])
-def test_verify_finds_damage(random_digits, tmp_path, capsys, damage, expect):
+def test_verify_finds_damage(random_digits, tmp_path, capsys, damage, expect, stamp):
     path = copy(random_digits["h5"], tmp_path)
     with h5py.File(path, "r+") as fh:
         damage(fh)
+    if stamp:
+        restamp(path)
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", str(path)])
     out = capsys.readouterr().out
@@ -130,10 +134,14 @@ def test_concurrent_sweeps_on_one_read_only_cache(random_digits, tmp_path):
 
 # --- bad input: one line naming the culprit, exit status 1, nothing lost ----------------------------
 
-def h5_with(random_digits, tmp_path, change):
+def h5_with(random_digits, tmp_path, change, stamp=False):
+    """A copy changed by `change`; with `stamp`, its checksums and fingerprint rewritten from its arrays
+    (as if written so), so that the check under test, not the checksums, is what refuses it."""
     path = copy(random_digits["h5"], tmp_path)
     with h5py.File(path, "r+") as fh:
         change(fh)
+    if stamp:
+        restamp(path)
     return path
 
 
@@ -164,8 +172,8 @@ BAD_CACHES = {
     "not hdf5": (lambda d, t: (t / "junk.h5").write_bytes(b"plain text") and t / "junk.h5", "not a readable HDF5 file"),
     "empty dir": (lambda d, t: (t / "e.zarr").mkdir() or t / "e.zarr", "not a Zarr store"),
     "truncated": (lambda d, t: (t / "cut.h5").write_bytes(d["h5"].read_bytes()[:50_000]) and t / "cut.h5", "truncated"),
-    "newer schema": (lambda d, t: h5_with(d, t, lambda f: f.attrs.__setitem__("schema", "featcache-cache/2")),
-                     "'featcache-cache/2' is not supported; this featcache reads 'featcache-cache/1'"),
+    "newer schema": (lambda d, t: h5_with(d, t, lambda f: f.attrs.__setitem__("schema", "featcache-cache/3")),
+                     "'featcache-cache/3' is not supported; this featcache reads 'featcache-cache/2'"),
     "older schema": (lambda d, t: h5_with(d, t, lambda f: f.attrs.__setitem__("schema", "featcache-cache/0")),
                      "'featcache-cache/0' is not supported"),
     "missing dataset": (lambda d, t: h5_with(d, t, lambda f: f["splits/letters"].__delitem__("logits")),
@@ -173,9 +181,9 @@ BAD_CACHES = {
     "incomplete split": (lambda d, t: h5_with(d, t, lambda f: f["splits/letters"].attrs.__setitem__("complete", False)),
                          "split 'letters' is incomplete"),
     "width": (lambda d, t: h5_with(d, t, _wide_head), "features have width 64, the head takes 128"),
-    "nan": (lambda d, t: h5_with(d, t, _nan), "2 NaN or Inf values in 2 samples, first in sample 'photos/"),
+    "nan": (lambda d, t: h5_with(d, t, _nan, stamp=True), "2 NaN or Inf values in 2 samples, first in sample 'photos/"),
     "empty ood": (lambda d, t: h5_with(d, t, _empty_ood), "split 'noise' is empty"),
-    "no id_test": (lambda d, t: h5_with(d, t, lambda f: f["splits"].__delitem__("digits_test")),
+    "no id_test": (lambda d, t: h5_with(d, t, lambda f: f["splits"].__delitem__("digits_test"), stamp=True),
                    "no split with role 'id_test'"),
 }
 

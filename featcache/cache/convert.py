@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from featcache.cache.reader import Cache, open_cache
 from featcache.cache.schema import SPLIT_ARRAYS
-from featcache.cache.writer import CacheWriter, fingerprint
+from featcache.cache.writer import CacheWriter
 from featcache.errors import FeatcacheError
 
 COPY_ROWS = 4096
@@ -43,18 +42,23 @@ def _dims(cache: Cache, split) -> dict:
 
 
 def convert(source, target, *, overwrite: bool = False) -> Path:
-    """Copy a complete cache to another path, the format chosen by the target's suffix."""
+    """Copy a complete cache to another path, the format chosen by the target's suffix.
+
+    Every checksum of the source is verified before anything is written, so a damaged cache is
+    refused instead of being copied into one whose fresh checksums would call it intact.
+    """
     with open_cache(source) as cache:
         if Path(str(target)).resolve() == Path(str(source)).resolve():
             raise FeatcacheError(f"{target}: the target is the source")
         splits = cache.splits()  # refuses incomplete splits: a partial cache is never copied as whole
+        cache.verify_all()  # the slices copied below come from these verified datasets
         writer = CacheWriter(target, overwrite=overwrite)
         try:
             root = {k: v for k, v in cache.attrs.items() if k not in OWN_ROOT_ATTRS}
             writer.open(root, cache.head_weight, cache.head_bias)
             for split in splits:
                 _write_split(writer, split.name, split.attrs, [(split, slice(None))], _dims(cache, split))
-            return writer.finish(cache.fingerprint)
+            return writer.finish()
         finally:
             writer.close()
 
@@ -64,7 +68,7 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
 
     The shards must come from the same head, checkpoint and preprocessing, and together be every
     shard 0..n-1; rows are joined in shard order, so the result equals a single-process run,
-    fingerprint included.
+    fingerprint included. Every shard's checksums are verified before anything is written.
     """
     caches = [open_cache(path) for path in shards]
     try:
@@ -81,6 +85,9 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
             raise FeatcacheError(f"shards {', '.join(str(c.path) for c in caches)} are not one complete set "
                                  f"(have {', '.join(str(i) + '/' + str(n) for i, n, _ in info)})")
         info.sort(key=lambda t: t[0])
+        for _, _, cache in info:
+            cache.splits()  # refuses incomplete splits
+            cache.verify_all()
         first = info[0][2]
         for _, _, cache in info[1:]:
             for key in ("checkpoint_sha256", "preprocessing", "backbone", "feature_layer", "prepool_layer"):
@@ -94,7 +101,6 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
         try:
             root = {k: v for k, v in first.attrs.items() if k not in OWN_ROOT_ATTRS}
             writer.open(root, first.head_weight, first.head_bias)
-            ids = {}
             for name in first.split_names:
                 parts = [(cache.split(name), slice(None)) for _, _, cache in info]
                 total = parts[0][0].attrs.get("total_n")
@@ -102,9 +108,7 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
                     raise FeatcacheError(f"split {name!r}: shards hold {sum(p.n for p, _ in parts)} rows, "
                                          f"the extraction had {total}")
                 _write_split(writer, name, parts[0][0].attrs, parts, _dims(first, parts[0][0]))
-                ids[name] = np.concatenate([p.read("ids") for p, _ in parts])
-            preprocessing = json.loads(first.attrs.get("preprocessing") or "{}")
-            return writer.finish(fingerprint(first.head_weight, first.head_bias, preprocessing, ids))
+            return writer.finish()
         finally:
             writer.close()
     finally:

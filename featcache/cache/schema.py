@@ -1,9 +1,12 @@
-"""Constants of the cache contract (shared/cache-schema.md, version 1)."""
+"""Constants of the cache contract (shared/cache-schema.md, version 2)."""
 
-SCHEMA = "featcache-cache/1"
+SCHEMA = "featcache-cache/2"
+SCHEMA_V1 = "featcache-cache/1"  # refused by readers; `featcache upgrade` rewrites it as version 2
 SCHEMA_PREFIX = "featcache-cache/"
 
 ROLES = ("id_train", "id_val", "id_test", "ood", "pseudo_ood")
+
+HEAD_ARRAYS = ("weight", "bias")
 
 # dataset name -> (dtype, which second dimension: "D" features, "C" channels, "K" classes, None 1-d)
 SPLIT_ARRAYS = {
@@ -21,12 +24,19 @@ ROOT_ATTRS = (
     "created_utc",
     "featcache_version",
     "torch_version",
+    "precision",
+    "device",
+    "preprocessing",
     "backbone",
     "checkpoint_sha256",
     "feature_layer",
     "prepool_layer",
     "prepool_size",
 )
+
+# Provenance that version 2 records but whose absence `verify` tolerates (extractions before it, or
+# other writers): neither enters the fingerprint.
+OPTIONAL_ROOT_ATTRS = ("precision", "device")
 
 SPLIT_ATTRS = ("role", "source", "n", "complete")
 

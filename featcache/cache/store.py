@@ -39,6 +39,18 @@ def row_chunks(shape, itemsize: int, target_bytes: int = 1 << 20, multiple_of: i
     return (rows,) + tuple(int(s) for s in shape[1:])
 
 
+BLOCK_BYTES = 8 << 20  # a streaming read's step: a few chunks, small enough to hash while the next is read
+
+
+def block_rows(shape, itemsize: int, chunk_rows: int | None, target_bytes: int = BLOCK_BYTES) -> int:
+    """Rows per block of a streaming read: about `target_bytes`, in whole chunks when chunked."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else itemsize
+    rows = max(1, target_bytes // max(row_bytes, 1))
+    if chunk_rows:
+        rows = max(1, rows // chunk_rows) * chunk_rows
+    return int(rows)
+
+
 class Store:
     """Abstract store; see H5Store and ZarrStore."""
 
@@ -54,6 +66,8 @@ class Store:
     def create_array(self, node: str, shape, dtype, write_rows: int | None = None) -> None: ...
     def write(self, node: str, start: int, values) -> None: ...
     def read(self, node: str, rows: slice = slice(None)) -> np.ndarray: ...
+    def blocks(self, node: str, out: np.ndarray | None = None): ...  # (start, stop, rows) over the whole array
+    def foreign_storage(self) -> str | None: ...  # where the tree reaches outside its own bytes
     def shape(self, node: str) -> tuple: ...
     def dtype(self, node: str) -> str: ...
     def link(self, source: str, target: str) -> None: ...  # HDF5 only
@@ -141,6 +155,48 @@ class H5Store(Store):
             ds.read_direct(out)  # several times faster than ds[...] for large arrays
             return out
         return ds[rows]
+
+    def blocks(self, node, out=None):
+        """(start, stop, rows) over the whole dataset, chunk-aligned: numbers as arrays (read into
+        out[start:stop] when `out` is given), strings as lists of str."""
+        ds = self._file[node]
+        strings = ds.dtype.kind in "OS"
+        step = block_rows(ds.shape, 64 if strings else ds.dtype.itemsize, ds.chunks[0] if ds.chunks else None)
+        for start in range(0, ds.shape[0], step):
+            stop = min(ds.shape[0], start + step)
+            if strings:
+                yield start, stop, ds.asstr()[start:stop].tolist()
+                continue
+            rows = out[start:stop] if out is not None else np.empty((stop - start,) + ds.shape[1:], ds.dtype)
+            ds.read_direct(rows, np.s_[start:stop])
+            yield start, stop, rows
+
+    def foreign_storage(self):
+        """The first link or dataset whose bytes live outside this file: an external or soft link,
+        a dataset with external storage, a virtual dataset; None when the file holds its own bytes."""
+        import h5py
+
+        found = []
+
+        def link(name, value):
+            if isinstance(value, h5py.ExternalLink):
+                found.append(f"/{name} is an external link to {value.filename}:{value.path}")
+            elif isinstance(value, h5py.SoftLink):
+                found.append(f"/{name} is a soft link to {value.path}")
+            return True if found else None  # anything but None stops the visit
+
+        def dataset(name, value):
+            if isinstance(value, h5py.Dataset):
+                if value.is_virtual:
+                    found.append(f"/{name} is a virtual dataset")
+                elif value.external:
+                    found.append(f"/{name} stores its data in external file {value.external[0][0]!r}")
+            return True if found else None
+
+        self._file.visititems_links(link)
+        if not found:
+            self._file.visititems(dataset)
+        return found[0] if found else None
 
     def shape(self, node):
         return tuple(self._file[node].shape)
@@ -243,6 +299,25 @@ class ZarrStore(Store):
     def read(self, node, rows=slice(None)):
         arr = self._node(node)[rows]
         return np.array(np.asarray(arr).tolist(), dtype=str) if self.dtype(node) == "str" else np.asarray(arr)
+
+    def blocks(self, node, out=None):
+        """As H5Store.blocks; a chunk file that is missing reads as fill values (which checksums catch)."""
+        arr = self._node(node)
+        strings = self.dtype(node) == "str"
+        step = block_rows(arr.shape, 64 if strings else arr.dtype.itemsize, arr.chunks[0])
+        for start in range(0, arr.shape[0], step):
+            stop = min(arr.shape[0], start + step)
+            rows = np.asarray(arr[start:stop])
+            if strings:
+                yield start, stop, rows.tolist()
+            elif out is not None:
+                out[start:stop] = rows
+                yield start, stop, out[start:stop]
+            else:
+                yield start, stop, rows
+
+    def foreign_storage(self):
+        return None  # a Zarr store has no links; its chunks are checked by their checksums
 
     def shape(self, node):
         return tuple(self._node(node).shape)

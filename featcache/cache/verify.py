@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.cache.reader import open_cache
-from featcache.cache.schema import ROLES, ROOT_ATTRS, SPLIT_ARRAYS, SPLIT_ATTRS
-from featcache.cache.writer import array_checksum, fingerprint
+from featcache.cache.integrity import content_fingerprint
+from featcache.cache.reader import ChecksumMismatch, open_cache
+from featcache.cache.schema import HEAD_ARRAYS, OPTIONAL_ROOT_ATTRS, ROOT_ATTRS, SPLIT_ARRAYS
 from featcache.errors import FeatcacheError
 
 # float32 logits from a model and features @ W.T + b agree to a few ulps of the magnitude of the
@@ -43,7 +42,13 @@ class Check:
 
 
 def verify(path, *, sample_rows: int = 512, storage_options: dict | None = None) -> list[Check]:
-    """Every check of the contract that can be made from the cache alone."""
+    """Every check of the contract that can be made from the cache alone.
+
+    Beyond what opening a cache and reading through it already check (reader.py), this reads every
+    array, including those no command has read yet, and checks NaN/Inf, labels, logits against
+    features and head on sampled rows, the root attributes, the roles present, and recomputes the
+    content fingerprint from the checksums of what it read.
+    """
     checks: list[Check] = []
 
     def check(ok, what):
@@ -55,71 +60,71 @@ def verify(path, *, sample_rows: int = 512, storage_options: dict | None = None)
     except FeatcacheError as exc:
         return [Check(False, str(exc))]
     with cache:
-        check(True, f"schema {cache.attrs['schema']}")
-        missing = [k for k in ROOT_ATTRS if k not in cache.attrs]
-        check(not missing, "root attributes present" + (f"; missing {', '.join(missing)}" if missing else ""))
-        weight, bias = cache.head_weight, cache.head_bias
-        head_ok = check(weight.ndim == 2 and weight.dtype == np.float32 and bias.shape == (weight.shape[0],)
-                        and bias.dtype == np.float32, f"head weight {weight.shape} {weight.dtype}, bias {bias.shape} {bias.dtype}")
-        k, d = weight.shape if weight.ndim == 2 else (None, None)
+        check(True, f"schema {cache.attrs['schema']}; shapes, dtypes, roles and names as the contract says")
+        missing = [k for k in ROOT_ATTRS if k not in cache.attrs and k not in OPTIONAL_ROOT_ATTRS]
+        unrecorded = [k for k in OPTIONAL_ROOT_ATTRS if k not in cache.attrs]
+        check(not missing, "root attributes present" + (f"; missing {', '.join(missing)}" if missing else "") +
+              (f" ({', '.join(unrecorded)} not recorded)" if unrecorded else ""))
+        read = {}  # what was read and matched its checksum: (head or split, dataset) -> checksum
+
+        def verified(what, key, reader, checksum):
+            try:
+                values = reader()
+            except ChecksumMismatch:
+                check(False, f"{what}/{key}: checksum DIFFERS: the data changed after it was written")
+                return None
+            except FeatcacheError as exc:
+                check(False, f"{what}/{key}: {exc}")
+                return None
+            check(True, f"{what}/{key}: checksum matches")
+            read[what, key] = checksum
+            return values
+
+        weight = verified("head", "weight", lambda: cache.head_weight, cache.layout.head_checksums["weight"])
+        bias = verified("head", "bias", lambda: cache.head_bias, cache.layout.head_checksums["bias"])
+        k, d = cache.layout.head_shape
         splits = cache.splits(allow_incomplete=True)
         roles = [s.role for s in splits]
         for role in ("id_train", "id_val", "id_test"):
             check(roles.count(role) == 1, f"exactly one {role} split (found {roles.count(role)})")
         check(roles.count("ood") >= 1, f"at least one ood split (found {roles.count('ood')})")
-        ids = {}
         for split in splits:
-            attrs = split.attrs
-            name = split.name
-            absent = [a for a in SPLIT_ATTRS if a not in attrs]
-            if not check(not absent, f"{name}: attributes" + (f" missing {', '.join(absent)}" if absent else " present")):
+            attrs, name, n = split.attrs, split.name, split.n
+            if not check(split.complete, f"{name}: complete" if split.complete else
+                         f"{name}: INCOMPLETE ({attrs.get('rows_written', 0)} of {n} rows written)"):
                 continue
-            check(attrs["role"] in ROLES, f"{name}: role {attrs['role']!r}")
-            check(attrs["complete"], f"{name}: complete" if attrs["complete"] else
-                  f"{name}: INCOMPLETE ({attrs.get('rows_written', 0)} of {attrs['n']} rows written)")
-            n = int(attrs["n"])
-            present = {key: split.has(key) for key in SPLIT_ARRAYS}
-            if not check(all(present.values()), f"{name}: datasets " + (
-                    "all present" if all(present.values()) else "missing " + ", ".join(k for k, v in present.items() if not v))):
-                continue
-            c = split.shape("chan_max")[1] if len(split.shape("chan_max")) == 2 else None
-            expected = {"D": d, "C": c, "K": k}
-            for key, (dtype, dim) in SPLIT_ARRAYS.items():
-                shape = (n,) if dim is None else (n, expected[dim])
-                check(split.shape(key) == shape and split.dtype(key) == dtype,
-                      f"{name}/{key}: {split.dtype(key)} {split.shape(key)}" + (
-                          "" if split.shape(key) == shape and split.dtype(key) == dtype else f", expected {dtype} {shape}"))
-            stored = json.loads(attrs.get("checksums") or "{}")
-            check(stored, f"{name}: checksums stored" if stored else f"{name}: no checksums stored")
-            logits_ok = head_ok and n and split.shape("features") == (n, d) and split.shape("logits") == (n, k)
             rows = np.unique(np.linspace(0, n - 1, min(n, sample_rows)).astype(int)) if n else np.arange(0)
-            sampled = {}
-            ids[name] = split.read("ids")
-            for key in SPLIT_ARRAYS:  # each array read once: checksum, finiteness and samples from one read
-                values = ids[name] if key == "ids" else split.read(key)
-                if stored:
-                    same = array_checksum(values) == stored.get(key)
-                    check(same, f"{name}/{key}: checksum " + ("matches" if same else
-                                                               "DIFFERS: the data changed after it was written"))
+            sampled, ids = {}, None
+            stored = cache.layout.checksums[name]
+            for key in ("ids", *(a for a in SPLIT_ARRAYS if a != "ids")):  # each read once, ids first to name samples
+                values = verified(name, key, lambda key=key: split.read(key), stored[key])
+                if values is None:
+                    continue
+                if key == "ids":
+                    ids = values
                 if values.dtype.kind == "f":
                     bad = ~np.isfinite(values)
+                    first = int(np.argwhere(bad)[0][0]) if bad.any() else None
                     check(not bad.any(), f"{name}/{key}: finite" if not bad.any() else
-                          f"{name}/{key}: {int(bad.sum())} NaN or Inf values, first in sample "
-                          f"{str(ids[name][int(np.argwhere(bad)[0][0])])!r}")
+                          f"{name}/{key}: {int(bad.sum())} NaN or Inf values, first in "
+                          + (f"sample {str(ids[first])!r}" if ids is not None else f"row {first}"))
                 if key == "labels":
                     if attrs["role"] in ("ood", "pseudo_ood"):
                         check((values == -1).all(), f"{name}: labels all -1")
-                    elif k is not None:
+                    else:
                         check(((values >= 0) & (values < k)).all(), f"{name}: labels in [0, {k})")
-                if key in ("features", "logits") and logits_ok:
+                if key in ("features", "logits") and n:
                     sampled[key] = values[rows]
-            if logits_ok:
+            if weight is not None and bias is not None and len(sampled) == 2:
                 bad = logits_mismatch(sampled["features"], sampled["logits"], weight, bias)
                 check(not bad.any(), f"{name}: logits = features @ W.T + b on {len(rows)} sampled rows" + (
                     "" if not bad.any() else f" FAILS in {int(bad.any(axis=1).sum())} rows"))
-        preprocessing = cache.attrs.get("preprocessing")
-        if preprocessing and head_ok and len(ids) == len(splits):
-            again = fingerprint(weight, bias, json.loads(preprocessing), ids)
-            check(again == cache.fingerprint, "fingerprint recomputed from head, preprocessing and ids " + (
-                "matches" if again == cache.fingerprint else "DIFFERS"))
+        everything = len(read) == 2 + len(SPLIT_ARRAYS) * len(splits)
+        if everything:  # every array read and equal to its checksum: the content fingerprint, recomputed
+            again = content_fingerprint({key: read["head", key] for key in HEAD_ARRAYS}, {
+                s.name: (s.role, {key: read[s.name, key] for key in SPLIT_ARRAYS}) for s in splits})
+            check(again == cache.attrs["fingerprint"], "fingerprint recomputed from the content " + (
+                "matches" if again == cache.attrs["fingerprint"] else "DIFFERS"))
+        else:
+            check(False, "fingerprint not recomputed: not every array could be read and checked")
     return checks

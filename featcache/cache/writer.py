@@ -2,9 +2,10 @@
 
 Everything is written to `<path>.partial` first; each split carries `rows_written` (advanced only
 after its rows are flushed) and `complete` (set only after every row is written and checked).
-`finish` stamps the fingerprint and renames the partial into place, atomically. Running the same
-extraction again finds the partial and resumes it from the last flushed chunk, when the partial's
-resume key (everything that shapes its numbers) equals the new run's; otherwise it starts afresh.
+`finish` stamps the content fingerprint, computed from the stored checksums, and renames the partial
+into place, atomically. Running the same extraction again finds the partial and resumes it from the
+last flushed chunk, when the partial's resume key (everything that shapes its numbers) equals the
+new run's; otherwise it starts afresh.
 
 While a writer is open it holds an exclusive lock on `<path>.lock`, so a second writer to the same
 output is refused instead of deleting or mixing into the first one's partial.
@@ -24,30 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.cache.schema import ROLES, SCHEMA, SPLIT_ARRAYS, format_of
+from featcache.cache.integrity import array_checksum, checksum_attr, content_fingerprint
+from featcache.cache.schema import HEAD_ARRAYS, ROLES, SCHEMA, SPLIT_ARRAYS, format_of
 from featcache.cache.store import Store, open_store
 from featcache.errors import FeatcacheError
-
-
-def array_checksum(values: np.ndarray) -> str:
-    """sha256 of an array's contents; strings as utf-8 lines, numbers as little-endian C-order bytes."""
-    digest = hashlib.sha256()
-    if values.dtype.kind in "UOST":
-        digest.update("\n".join(map(str, values.tolist())).encode("utf-8"))
-    else:
-        digest.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
-    return digest.hexdigest()
-
-
-def fingerprint(weight: np.ndarray, bias: np.ndarray, preprocessing: dict, split_ids: dict) -> str:
-    """sha256 over head weights, preprocessing and split ids: equal fingerprints, equal inputs."""
-    digest = hashlib.sha256()
-    digest.update(array_checksum(np.asarray(weight, dtype=np.float32)).encode())
-    digest.update(array_checksum(np.asarray(bias, dtype=np.float32)).encode())
-    digest.update(json.dumps(preprocessing, sort_keys=True).encode())
-    for name in sorted(split_ids):
-        digest.update(name.encode() + b"\0" + array_checksum(np.asarray(split_ids[name], dtype=str)).encode())
-    return digest.hexdigest()
 
 
 def partial_path(path) -> Path:
@@ -238,9 +219,11 @@ class CacheWriter:
             root_attrs = {**root_attrs, "resume_key": json.dumps(resume_key, sort_keys=True, default=str)}
         self.store.set_attrs("/", **{"created_utc": created, **root_attrs, "schema": SCHEMA, "fingerprint": ""})
         self.store.create_group("/head")
-        for name, values in (("weight", weight), ("bias", bias)):
+        head = {"weight": np.asarray(weight, np.float32), "bias": np.asarray(bias, np.float32)}
+        for name, values in head.items():
             self.store.create_array(f"/head/{name}", values.shape, "float32")
-            self.store.write(f"/head/{name}", 0, values.astype(np.float32))
+            self.store.write(f"/head/{name}", 0, values)
+        self.store.set_attrs("/head", checksums=json.dumps({k: array_checksum(v) for k, v in head.items()}, sort_keys=True))
         self.store.create_group("/splits")
         self.store.flush()
         return False
@@ -277,9 +260,17 @@ class CacheWriter:
         self.store.flush()
         return SplitWriter(self.store, name)
 
-    def finish(self, fingerprint_value: str) -> Path:
-        """Stamp the fingerprint and move the finished cache into place in one rename."""
-        self.store.set_attrs("/", fingerprint=fingerprint_value)
+    def finish(self) -> Path:
+        """Stamp the content fingerprint of the stored checksums (integrity.content_fingerprint) and
+        move the finished cache into place in one rename. Every split must be finished."""
+        splits = {}
+        for name in self.store.groups("/splits"):
+            attrs = self.store.attrs(f"/splits/{name}")
+            if attrs.get("complete") is not True:
+                raise FeatcacheError(f"{self.partial}: split {name!r} is not finished; the cache cannot be finished")
+            splits[name] = (attrs["role"], checksum_attr(attrs.get("checksums"), SPLIT_ARRAYS, f"split {name!r}"))
+        head = checksum_attr(self.store.attrs("/head").get("checksums"), HEAD_ARRAYS, f"{self.partial}: /head")
+        self.store.set_attrs("/", fingerprint=content_fingerprint(head, splits))
         self.store.close()
         if self.path.exists():
             old = self.path.with_name(self.path.name + ".old")

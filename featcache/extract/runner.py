@@ -14,7 +14,7 @@ from torch import nn
 
 import featcache
 from featcache.cache.verify import check_logits
-from featcache.cache.writer import CacheWriter, fingerprint, is_disk_full
+from featcache.cache.writer import CacheWriter, is_disk_full
 from featcache.config import Pipeline, manifest_entry
 from featcache.errors import DiskFull, FeatcacheError
 from featcache.extract.backbones import (
@@ -95,7 +95,6 @@ class FeatureExtractor:
             raise FeatcacheError(f"extract.amp must be one of {', '.join(AMP_DTYPES)} or empty, got {amp!r}")
         self.layers, self.device, self.amp = layers, torch.device(device), amp
         self.precision = amp or "float32"
-        self.prepool_hw: tuple[int, int] | None = None  # the pre-pool map's spatial size, once seen
         self.head = dict(model.named_modules())[layers.head]
         self.weight = self.head.weight.detach().cpu().numpy().astype(np.float32)
         self.bias = (self.head.bias.detach().cpu().numpy() if self.head.bias is not None
@@ -112,7 +111,6 @@ class FeatureExtractor:
         prepool = out["prepool"].float()
         if prepool.ndim != 4:
             raise FeatcacheError(f"pre-pool node {self.layers.prepool!r} gives shape {tuple(prepool.shape)}, not (N, C, H, W)")
-        self.prepool_hw = tuple(prepool.shape[2:])
         features = out["features"].flatten(1).float()
         logits = self.head(features) if self.amp else out["logits"]
         return {
@@ -258,8 +256,6 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
             data = load_dataset(name, manifest, pipeline.manifest_path)
             check_ids(data.ids, f"{pipeline.manifest_path}: dataset {name!r}")
             probe = extractor(first_image(data))  # sizes the arrays, even for a shard with no rows
-            if "prepool_size" not in writer.store.attrs("/"):
-                writer.store.set_attrs("/", prepool_size="x".join(map(str, extractor.prepool_hw)))
             extra = {}
             if shard is not None:
                 # Shard boundaries fall on whole batches, so every batch holds the same rows as in a
@@ -271,7 +267,6 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
                 data = data.subset(lo, hi)
                 extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()
-            split_ids[name] = data.ids
             if entry["role"] == "pseudo_ood":
                 extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0),
                           "of": entry["source"].get("of", "")}
@@ -308,7 +303,7 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
             if timings is not None:
                 timings[name] = {"n": len(data), "load_s": t1 - t0, "extract_s": time.perf_counter() - t1}
         room.check(0)
-        return writer.finish(fingerprint(extractor.weight, extractor.bias, preprocessing, split_ids))
+        return writer.finish()
     except Exception as exc:
         if not is_disk_full(exc):
             raise

@@ -80,7 +80,9 @@ PSEUDO = {"of": "tiny_val", "corruptions": "all", "severity": 3, "per_corruption
 def write_pipeline(root, tmp, name, oods, pseudo=PSEUDO, **extra):
     spec = {"name": name, "manifest": str(root / "manifest.yaml"), "cache": str(tmp / f"{name}.h5"),
             "results": str(tmp / "results"),
-            "backbone": {"name": "resnet18", "checkpoint": "random", "seed": 0, "kwargs": {"num_classes": 3}},
+            # layer4 is 1x1 on 32x32 images, where NAP is refused: layer3's 2x2 map instead
+            "backbone": {"name": "resnet18", "checkpoint": "random", "seed": 0, "kwargs": {"num_classes": 3},
+                         "prepool_layer": "layer3.1.relu_1"},
             "extract": {"batch_size": 16, "workers": 0}, "splits": ["tiny_train", "tiny_val", "tiny_test", *oods],
             "sweep": GRID, "select": {"criterion": "auroc", "paper_defaults": {"knn": {"k": 3}}}, **extra}
     if pseudo:

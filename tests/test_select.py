@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 import featcache
 from featcache.cli import main
 from featcache.methods import get_method
+from tests.cache_helpers import restamp
 from featcache.select import Target, binary_search_w, choose
 from featcache.replay import load_replay
 
@@ -71,6 +72,7 @@ def tamper_oods(src, dst):
                 group[key][...] = rng.permutation(values.ravel()).reshape(values.shape) * 1.7
             if "chan_mean" in group and group["chan_mean"].id != group["features"].id:
                 group["chan_mean"][...] = group["features"][...]
+    restamp(dst)  # checksums and fingerprint as a writer of these numbers would have stamped them
 
 
 def selected_params(results_csv):
@@ -124,6 +126,7 @@ def test_selection_without_pseudo_ood_is_refused(random_digits, tmp_path, capsys
         for name in list(fh["splits"]):
             if fh["splits"][name].attrs["role"] == "pseudo_ood":
                 del fh["splits"][name]
+    restamp(path)
     with pytest.raises(SystemExit):
         main(["select", str(grid_pipeline(tmp_path, path, {"energy": {}})), "--quiet"])
     assert "pseudo_ood" in capsys.readouterr().err

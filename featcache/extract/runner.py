@@ -249,7 +249,6 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
             print(f"not resuming {writer.partial}: {writer.restart_reason}; starting afresh")
         if resumed and progress:
             print(f"resuming {writer.partial}")
-        split_ids = {}
         for entry in entries:
             name = entry["name"]
             t0 = time.perf_counter()

@@ -1,7 +1,17 @@
-"""featcache: run the backbone once, replay post-hoc OOD detectors from a feature cache."""
+"""featcache: run the backbone once, replay post-hoc OOD detectors from a feature cache.
+
+The Python API (see the README): `extract` a model in memory into a cache, `sweep` and `select`
+hyperparameters, `scores` per sample; `open_cache` reads a cache's arrays.
+"""
 
 __version__ = "0.1.0"
 
+# The subpackage featcache/extract/ is imported before the function `extract` takes its name here:
+# Python binds a subpackage to its parent's attribute only when it is first imported, so later
+# imports of featcache.extract.runner and the like leave `featcache.extract` the function.
+import featcache.extract  # noqa: E402,F401
+
+from featcache.api import extract, scores, select, sweep  # noqa: E402
 from featcache.cache import open_cache  # noqa: E402
 
-__all__ = ["__version__", "open_cache"]
+__all__ = ["__version__", "extract", "open_cache", "scores", "select", "sweep"]

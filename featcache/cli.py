@@ -180,25 +180,17 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
 
     Shows the chosen configuration beside the papers' default and the oracle (best on test OOD).
     """
-    from featcache.cache.reader import open_cache
     from featcache.config import load_pipeline
-    from featcache.select import SELECTION_COLUMNS, format_selection, run_select
-    from featcache.replay import check_fingerprint, load_replay, ood_groups
-    from featcache.results import guard_output, write_csv, write_meta
+    from featcache.select import format_selection, select_to_csv
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})
-    out = guard_output(out or spec.results_dir / "selection.csv", "selection", overwrite, SELECTION_COLUMNS)
-    cache_path = cache_path or spec.cache
-    with open_cache(cache_path) as cache:
-        replay = load_replay(cache, with_selection=True)
-        rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
-                          paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark, progress=not quiet,
-                          groups=ood_groups(cache, spec.groups, f"{spec.path}: groups"), pipeline_path=spec.path)
-    check_fingerprint(cache_path, replay.fingerprint)  # every number above came from one cache
-    write_csv(rows, out, SELECTION_COLUMNS)
-    write_meta(out, command="selection", fingerprint=replay.fingerprint, cache=str(cache_path),
-               criterion=criterion or options.get("criterion", "auroc"), benchmark=spec.benchmark)
+    out = out or spec.results_dir / "selection.csv"
+    rows = select_to_csv(spec.sweep, cache_path or spec.cache, out,
+                         criterion=criterion or options.get("criterion", "auroc"),
+                         paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark,
+                         groups=spec.groups, groups_where=f"{spec.path}: groups", progress=not quiet,
+                         overwrite=overwrite, pipeline_path=spec.path)
     click.echo(f"selection -> {out}")
     click.echo(f"mean over ood splits, percent; paper defaults for benchmark {spec.benchmark or '(none declared)'}; "
                "the oracle column looked at the test OOD data:")

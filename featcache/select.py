@@ -194,3 +194,26 @@ def format_selection(rows: list[dict], benchmark: str | None = None) -> str:
 def _short(v):
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
+
+
+def select_to_csv(grid: dict, cache_path, out_path, *, criterion: str = "auroc", paper_defaults: dict | None = None,
+                  benchmark: str | None = None, groups: dict[str, str] | None = None, groups_where: str = "groups",
+                  progress: bool = True, overwrite: bool = False, pipeline_path=None,
+                  storage_options: dict | None = None) -> list[dict]:
+    """run_select on the cache at `cache_path`, its rows written to `out_path` (a selection results
+    file or new, unless `overwrite`) with the cache's fingerprint in the meta file beside it."""
+    from featcache.cache.reader import open_cache
+    from featcache.replay import check_fingerprint, load_replay, ood_groups
+    from featcache.results import guard_output, write_csv, write_meta
+
+    out_path = guard_output(out_path, "selection", overwrite, SELECTION_COLUMNS)
+    with open_cache(cache_path, storage_options=storage_options) as cache:
+        replay = load_replay(cache, with_selection=True)
+        rows = run_select(grid, replay, criterion=criterion, paper_defaults=paper_defaults, benchmark=benchmark,
+                          progress=progress, groups=ood_groups(cache, groups, groups_where),
+                          pipeline_path=pipeline_path)
+    check_fingerprint(cache_path, replay.fingerprint, storage_options)  # every number above came from one cache
+    write_csv(rows, out_path, SELECTION_COLUMNS)
+    write_meta(out_path, command="selection", fingerprint=replay.fingerprint, cache=str(cache_path),
+               criterion=criterion, benchmark=benchmark)
+    return rows

@@ -97,7 +97,7 @@ def test_root_attributes_record_precision_device_and_resolved_preprocessing(tmp_
     # 16x16 input, stride-2 stages twice: the pre-pool map is 4x4
     assert cache.attrs["prepool_size"] == "4x4"
     expected = {"source": {"generator": "noise", "kind": "blobs", "seed": 4, "canvas": 16},
-                "transform": {"normalize": NORMALIZE}, "size": 48}
+                "transform": {"channels": 1, "normalize": NORMALIZE}, "size": 48}  # the digits net takes grey
     assert json.loads(cache.attrs["preprocessing"])["n_ood"] == expected
     bf16 = featcache.open_cache(extract(load_pipeline(pipeline), out=tmp_path / "bf16.h5", progress=False, amp="bf16"))
     assert bf16.attrs["precision"] == "bf16"

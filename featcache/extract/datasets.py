@@ -183,17 +183,56 @@ def _raw_images(entry: dict, manifest: dict, manifest_path) -> tuple[np.ndarray,
     return images, labels, ids
 
 
-def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = ()) -> dict:
+CHANNELS = (1, 3)
+
+
+def image_channels(entry: dict, channels: int | None, where: str) -> int | None:
+    """The channel count entry's images are given in: its `transform.channels`, else `channels`
+    (what the backbone's first layer takes), checked against its normalisation."""
+    transform = entry.get("transform") or {}
+    value = transform.get("channels", channels)
+    if value is not None and (isinstance(value, bool) or value not in CHANNELS):
+        raise FeatcacheError(f"{where}: transform.channels must be 1 (grey) or 3 (RGB), got {value!r}")
+    if "preset" in transform:
+        from featcache.extract.files import resolve_transform
+
+        transform = resolve_transform(transform, where)
+    norm = transform.get("normalize")
+    if value is not None and isinstance(norm, dict):
+        for key in ("mean", "std"):
+            length = len(norm.get(key) or [0])
+            if length not in (1, value):
+                raise FeatcacheError(f"{where}: transform.normalize.{key} has {length} values for {value}-channel "
+                                     f"images; give 1 or {value} (or set transform.channels)")
+    return value
+
+
+def to_channels(image: np.ndarray, channels: int | None) -> np.ndarray:
+    """An 8-bit (H, W) or (H, W, 3) image as grey (ITU-R 601-2 luma, as PIL's "L") or RGB."""
+    if channels == 3 and image.ndim == 2:
+        return np.repeat(image[..., None], 3, axis=2)
+    if channels == 1 and image.ndim == 3:
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).convert("L"))
+    return image
+
+
+def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = (), channels: int | None = None) -> dict:
     """Manifest entry `name` as extraction applies it: {role, source, transform, size} with every
     default written out (generator arguments from the generator's signature, the identity
-    normalisation, transform presets, CIFAR part and list root), and for a corruption the resolved
-    entry it corrupts (`of_entry`). Two entries that can give different images resolve differently.
+    normalisation, transform presets, CIFAR part and list root, and the image channels when
+    `channels`, the backbone's, is given), and for a corruption the resolved entry it corrupts
+    (`of_entry`). Two entries that can give different images resolve differently.
     """
     import inspect
 
     entry = manifest_entry(manifest, name, manifest_path)
     where = f"{manifest_path}: dataset {name!r}"
     source, transform = dict(entry["source"]), dict(entry.get("transform") or {})
+    chosen = image_channels(entry, channels, where)
+    if chosen is not None:
+        transform["channels"] = chosen
     if "path" in source:
         from featcache.extract.files import resolve_source, resolve_transform
 
@@ -205,7 +244,8 @@ def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = ()) 
             raise FeatcacheError(f"{where}: corrupts itself (through {' -> '.join(_seen + (name,))})")
         source.setdefault("severity", 3)
         source.setdefault("seed", 0)
-        source["of_entry"] = resolved_entry(source.get("of", ""), manifest, manifest_path, _seen + (name,))
+        source["of_entry"] = resolved_entry(source.get("of", ""), manifest, manifest_path, _seen + (name,),
+                                            channels=chosen)
     elif generator in GENERATORS:
         for param in inspect.signature(GENERATORS[generator]).parameters.values():
             if param.default is not inspect.Parameter.empty:
@@ -215,13 +255,18 @@ def resolved_entry(name: str, manifest: dict, manifest_path, _seen: tuple = ()) 
             "size": entry.get("size", source.get("n"))}
 
 
-def load_dataset(name: str, manifest: dict, manifest_path):
+def load_dataset(name: str, manifest: dict, manifest_path, channels: int | None = None):
     """Manifest entry `name`, transformed, its declared size checked: an ImageSet (generated, in
     memory), a FileImages (read from files on access, see featcache.extract.files) or, for a
-    corrupt source, a CorruptedImages (its base corrupted on access)."""
+    corrupt source, a CorruptedImages (its base corrupted on access).
+
+    Images come with `transform.channels` channels when the entry says, else `channels` (the
+    backbone's); by default generated images are grey and files RGB.
+    """
     entry = manifest_entry(manifest, name, manifest_path)
+    channels = image_channels(entry, channels, f"{manifest_path}: dataset {name!r}")
     if entry["source"].get("generator") == "corrupt":
-        data = load_corrupted(entry, manifest, manifest_path)
+        data = load_corrupted(entry, manifest, manifest_path, channels)
         if entry.get("size") is not None and entry["size"] != len(data):
             raise FeatcacheError(f"{manifest_path}: dataset {name!r} declares size {entry['size']} but its source gives "
                                  f"{len(data)}")
@@ -230,7 +275,7 @@ def load_dataset(name: str, manifest: dict, manifest_path):
         from featcache.extract.files import load_files
 
         where = f"{manifest_path}: dataset {name!r}"
-        data = load_files(entry["source"], entry.get("transform", {}), entry["role"], where)
+        data = load_files(entry["source"], entry.get("transform", {}), entry["role"], where, channels=channels)
         if entry.get("size") is not None and entry["size"] != len(data):
             raise FeatcacheError(f"{where}: declares size {entry['size']} but {entry['source']['path']} holds {len(data)}")
         return data
@@ -241,6 +286,8 @@ def load_dataset(name: str, manifest: dict, manifest_path):
         )
     if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
         labels = np.full(len(ids), -1, np.int64)
+    if channels == 3:
+        images = np.repeat(images[:, None], 3, axis=1)  # grey images shown to an RGB network
     return ImageSet(normalise(images, entry.get("transform", {})).astype(np.float32), labels, ids)
 
 
@@ -259,10 +306,10 @@ class CorruptedImages:
     """
 
     def __init__(self, base, base_ids, labels, rows, corruption: str, severity: int, seed: int, geometry, tensor,
-                 where: str):
+                 where: str, channels: int | None = None):
         self.base, self.base_ids, self.rows = base, np.asarray(base_ids), np.asarray(rows, np.int64)
         self.corruption, self.severity, self.seed = corruption, int(severity), int(seed)
-        self.geometry, self.tensor, self.where = geometry, tensor, where
+        self.geometry, self.tensor, self.where, self.channels = geometry, tensor, where, channels
         self.base_labels = np.asarray(labels, np.int64)
         self.labels = self.base_labels[self.rows]
         self.ids = np.array([f"{self.base_ids[r]}#{corruption}@{severity}" for r in self.rows])
@@ -281,12 +328,13 @@ class CorruptedImages:
                 image = np.asarray(self.geometry(self.base.image(i)))
         except Exception:
             return None, False  # reported by the runner in the main process, with the file's name
-        image = corrupt(image, self.corruption, self.severity, sample_rng(self.seed, str(self.base_ids[i])))
+        # corrupted as the network will see it: grey, or RGB (a grey base repeated)
+        image = corrupt(to_channels(image, self.channels), self.corruption, self.severity, sample_rng(self.seed, str(self.base_ids[i])))
         return self.tensor(image), True
 
     def subset(self, lo: int, hi: int) -> "CorruptedImages":
         return CorruptedImages(self.base, self.base_ids, self.base_labels, self.rows[lo:hi], self.corruption,
-                               self.severity, self.seed, self.geometry, self.tensor, self.where)
+                               self.severity, self.seed, self.geometry, self.tensor, self.where, self.channels)
 
     def describe(self, k: int) -> str:
         i = int(self.rows[k])
@@ -307,7 +355,7 @@ def subset_rows(n: int, size, seed: int, corruption: str, where: str) -> np.ndar
     return np.sort(rng.choice(n, size=size, replace=False))
 
 
-def load_corrupted(entry: dict, manifest: dict, manifest_path) -> CorruptedImages:
+def load_corrupted(entry: dict, manifest: dict, manifest_path, channels: int | None = None) -> CorruptedImages:
     """`source: {generator: corrupt, of: <dataset>, corruption, severity (1-5, default 3), seed
     (default 0), subset (optional: that many images of the base)}`. The entry's transform (by
     default the base's) resizes and crops, then the corruption, then ToTensor and Normalize."""
@@ -334,7 +382,8 @@ def load_corrupted(entry: dict, manifest: dict, manifest_path) -> CorruptedImage
     transform = entry.get("transform") or base.get("transform") or {}
     geometry, tensor = transform_parts(transform, where)
     if "path" in base["source"]:
-        files = load_files(base["source"], transform, base["role"], f"{manifest_path}: dataset {of!r}")
+        files = load_files(base["source"], transform, base["role"], f"{manifest_path}: dataset {of!r}",
+                           channels=channels)
         base_data, ids, labels = files, files.ids, files.labels
     else:
         images, labels, ids = _raw_images({**base, "transform": transform}, manifest, manifest_path)
@@ -343,4 +392,4 @@ def load_corrupted(entry: dict, manifest: dict, manifest_path) -> CorruptedImage
     if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
         labels = np.full(len(ids), -1, np.int64)
     rows = subset_rows(len(ids), source.get("subset"), seed, corruption, where)
-    return CorruptedImages(base_data, ids, labels, rows, corruption, severity, seed, geometry, tensor, where)
+    return CorruptedImages(base_data, ids, labels, rows, corruption, severity, seed, geometry, tensor, where, channels)

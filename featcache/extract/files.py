@@ -118,9 +118,11 @@ def transform_parts(spec: dict, where: str):
 class FileImages:
     """Images from files (or from an in-memory uint8 array), transformed on access."""
 
-    def __init__(self, items, labels, ids, transform, where: str, arrays: np.ndarray | None = None):
+    def __init__(self, items, labels, ids, transform, where: str, arrays: np.ndarray | None = None,
+                 channels: int | None = None):
         self.items, self.labels, self.ids = list(items), np.asarray(labels, np.int64), np.asarray(ids)
-        self.transform, self.where, self.arrays = transform, where, arrays
+        self.transform, self.where, self.arrays, self.channels = transform, where, arrays, channels
+        self.mode = "L" if channels == 1 else "RGB"
 
     def __len__(self):
         return len(self.ids)
@@ -133,18 +135,18 @@ class FileImages:
             return None, False
 
     def image(self, i):
-        """Sample i as an RGB PIL image, before any transform."""
+        """Sample i as a PIL image, grey for a 1-channel network and RGB otherwise, before any transform."""
         from PIL import Image
 
         if self.arrays is not None:
-            return Image.fromarray(self.arrays[i])
+            return Image.fromarray(self.arrays[i]).convert(self.mode)
         with Image.open(self.items[i]) as img:
-            return img.convert("RGB")
+            return img.convert(self.mode)
 
     def subset(self, lo: int, hi: int) -> "FileImages":
         items = self.items[lo:hi] if self.arrays is None else self.items
         arrays = None if self.arrays is None else self.arrays[lo:hi]
-        return FileImages(items, self.labels[lo:hi], self.ids[lo:hi], self.transform, self.where, arrays)
+        return FileImages(items, self.labels[lo:hi], self.ids[lo:hi], self.transform, self.where, arrays, self.channels)
 
     def describe(self, i: int) -> str:
         return str(self.items[i]) if self.arrays is None else f"{self.where} sample {self.ids[i]}"
@@ -164,8 +166,8 @@ def _images_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_files(source: dict, transform_spec: dict, role: str, where: str) -> FileImages:
-    """The data set a manifest `source: {path, format}` names."""
+def load_files(source: dict, transform_spec: dict, role: str, where: str, channels: int | None = None) -> FileImages:
+    """The data set a manifest `source: {path, format}` names, its images grey when `channels` is 1."""
     path = Path(source["path"])
     fmt = source["format"]
     if not path.exists():
@@ -215,7 +217,7 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str) -> Fil
             labels.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
         arrays = np.concatenate(arrays)
         ids = [f"{fmt}/{part}/{i}" for i in range(len(arrays))]
-        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays)
+        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays, channels)
     elif fmt == "svhn":  # train_32x32.mat / test_32x32.mat
         from scipy.io import loadmat
 
@@ -223,10 +225,10 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str) -> Fil
         arrays = np.ascontiguousarray(np.asarray(mat["X"], np.uint8).transpose(3, 0, 1, 2))
         labels = np.asarray(mat["y"]).ravel() % 10  # SVHN stores the digit 0 as 10
         ids = [f"svhn/{path.stem}/{i}" for i in range(len(arrays))]
-        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays)
+        return FileImages(ids, labels if labelled else [-1] * len(ids), ids, transform, where, arrays, channels)
     else:
         raise FeatcacheError(f"{where}: unknown source format {fmt!r}; one of imagefolder, folder, list, "
                              "cifar10, cifar100, svhn")
     if not items:
         raise FeatcacheError(f"{where}: no images found under {path}")
-    return FileImages(items, labels, ids, transform, where)
+    return FileImages(items, labels, ids, transform, where, channels=channels)

@@ -6,7 +6,10 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from featcache.extract.backbones import (
 )
 from featcache.extract.datasets import ImageSet, load_dataset, resolved_entry
 from featcache.extract.layers import Layers, find_layers
+from featcache.extract.torchdata import TorchSplit
 
 def prepare_backbone(pipeline: Pipeline, manifest: dict, progress: bool = True,
                      trust: bool = False) -> tuple[nn.Module, str]:
@@ -93,7 +97,7 @@ class FeatureExtractor:
 
         if amp not in (None, *AMP_DTYPES):
             raise FeatcacheError(f"extract.amp must be one of {', '.join(AMP_DTYPES)} or empty, got {amp!r}")
-        self.layers, self.device, self.amp = layers, torch.device(device), amp
+        self.model, self.layers, self.device, self.amp = model, layers, torch.device(device), amp
         self.precision = amp or "float32"
         self.head = dict(model.named_modules())[layers.head]
         self.weight = self.head.weight.detach().cpu().numpy().astype(np.float32)
@@ -131,13 +135,19 @@ def prepool_size(extractor: FeatureExtractor, image: torch.Tensor) -> str:
 
 
 def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory: bool = False):
-    """(start, stop, images) for rows start..stop in blocks of `step`; file data through a DataLoader.
+    """(start, stop, images, labels) for rows start..stop in blocks of `step`.
 
-    An image that cannot be read stops extraction with an error naming its file.
+    Generated data comes from memory; file data streams through a DataLoader, and an image that
+    cannot be read stops extraction with an error naming its file; a user's torch data set (the
+    Python API) streams through its own loader settings (see featcache.extract.torchdata).
     """
     if isinstance(data, ImageSet):
         for a in range(start, stop, step):
-            yield a, min(a + step, stop), torch.from_numpy(data.images[a : min(a + step, stop)])
+            b = min(a + step, stop)
+            yield a, b, torch.from_numpy(data.images[a:b]), data.labels[a:b]
+        return
+    if isinstance(data, TorchSplit):
+        yield from data.batches(start, stop, step, pin_memory=pin_memory)
         return
     from torch.utils.data import DataLoader, Subset
 
@@ -151,32 +161,115 @@ def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory
             bad = a + int(np.flatnonzero(~readable.numpy())[0])
             raise FeatcacheError(f"{data.describe(bad)}: cannot be read as an image (sample {data.ids[bad]!r}); "
                                  "remove it from the data set or fix it, then run again to resume")
-        yield a, a + len(images), images
+        yield a, a + len(images), images, data.labels[a : a + len(images)]
         a += len(images)
 
 
 def first_image(data) -> torch.Tensor:
     if isinstance(data, ImageSet):
         return torch.from_numpy(data.images[:1])
+    if isinstance(data, TorchSplit):
+        return data.first()
     image, readable = data[0]
     if not readable:
         raise FeatcacheError(f"{data.describe(0)}: cannot be read as an image")
     return image[None]
 
 
-def validate_splits(pipeline: Pipeline, manifest: dict) -> list[dict]:
-    entries = [manifest_entry(manifest, name, pipeline.manifest_path) for name in pipeline.splits]
-    roles = [e["role"] for e in entries]
-    for e in entries:
-        if e["role"] == "train":
-            raise FeatcacheError(f"{pipeline.path}: split {e['name']!r} has role 'train' (backbone training only); "
+def probe(extractor: "FeatureExtractor", data, where: str) -> dict:
+    """The outputs for the data's first image: they size the arrays (even for a shard with no rows).
+
+    Images the backbone cannot take (a channel count or size it does not accept) are refused here
+    in one line naming the data set, not deep inside the network.
+    """
+    image = first_image(data)
+    expected = input_channels(extractor.model)
+    if expected is not None and image.ndim == 4 and image.shape[1] != expected:
+        hint = ("set transform: {channels: %d} on it" % expected if not isinstance(data, TorchSplit)
+                else f"convert its images to {expected} channel{'s' if expected > 1 else ''}")
+        raise FeatcacheError(f"{where}: its images have {image.shape[1]} channels, the backbone's first layer "
+                             f"takes {expected}; {hint}")
+    try:
+        return extractor(image)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FeatcacheError(f"{where}: the backbone cannot take its images (shape {tuple(image.shape)}): "
+                             f"{first_line}") from None
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channel count the model's first convolution takes, or None without one."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+            return int(module.in_channels)
+    return None
+
+
+@dataclass
+class SplitSource:
+    """One split to extract, however its data is given (a pipeline's manifest or the Python API).
+
+    `load()` returns the data: an ImageSet, a files data set (FileImages, CorruptedImages) or a
+    TorchSplit. `entry` is what the root attribute `preprocessing` records for the split, `resume`
+    what identifies its samples in the resume key, `attrs` extra split attributes (corruption,
+    severity, group), `where` names it in errors.
+    """
+
+    name: str
+    role: str
+    load: Callable[[], object]
+    entry: dict
+    resume: dict
+    attrs: dict = field(default_factory=dict)
+    where: str = ""
+
+
+LABELLED_ROLES = ("train", "id_train", "id_val", "id_test")
+
+
+def check_roles(sources: list[SplitSource], where: str) -> None:
+    """A cache needs exactly one id_train, id_val and id_test split and at least one ood split."""
+    roles = [s.role for s in sources]
+    for s in sources:
+        if s.role == "train":
+            raise FeatcacheError(f"{where}: split {s.name!r} has role 'train' (backbone training only); "
                                  "it cannot go into a cache")
+        if s.role not in ("id_train", "id_val", "id_test", "ood", "pseudo_ood"):
+            raise FeatcacheError(f"{where}: split {s.name!r} has role {s.role!r}; one of id_train, id_val, "
+                                 "id_test, ood, pseudo_ood")
     for role in ("id_train", "id_val", "id_test"):
         if roles.count(role) != 1:
-            raise FeatcacheError(f"{pipeline.path}: splits need exactly one {role} dataset, found {roles.count(role)}")
+            raise FeatcacheError(f"{where}: splits need exactly one {role} dataset, found {roles.count(role)}")
     if "ood" not in roles:
-        raise FeatcacheError(f"{pipeline.path}: splits need at least one ood dataset")
-    return entries
+        raise FeatcacheError(f"{where}: splits need at least one ood dataset")
+
+
+def validate_splits(pipeline: Pipeline, manifest: dict) -> None:
+    """The pipeline's splits exist in its manifest and have the roles a cache needs (check_roles)."""
+    roles = [SplitSource(name, manifest_entry(manifest, name, pipeline.manifest_path)["role"], None, {}, {})
+             for name in pipeline.splits]
+    check_roles(roles, str(pipeline.path))
+
+
+def pipeline_sources(pipeline: Pipeline, manifest: dict, channels: int | None) -> list[SplitSource]:
+    """The pipeline's splits, read from its manifest, with images of `channels` channels unless an
+    entry's transform says otherwise."""
+    sources = []
+    for name in pipeline.splits:
+        entry = manifest_entry(manifest, name, pipeline.manifest_path)
+        resolved = resolved_entry(name, manifest, pipeline.manifest_path, channels=channels)
+        attrs = {}
+        if entry["role"] == "pseudo_ood":
+            attrs |= {"corruption": entry["source"].get("corruption", ""),
+                      "severity": entry["source"].get("severity", 0), "of": entry["source"].get("of", "")}
+        if entry.get("group"):
+            attrs["group"] = entry["group"]
+        sources.append(SplitSource(
+            name=name, role=entry["role"],
+            load=partial(load_dataset, name, manifest, pipeline.manifest_path, channels=channels),
+            entry={k: v for k, v in resolved.items() if k != "role"}, resume=_with_locations(resolved),
+            attrs=attrs, where=f"{pipeline.manifest_path}: dataset {name!r}"))
+    return sources
 
 
 def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
@@ -198,41 +291,51 @@ def extract(pipeline: Pipeline, *, out=None, overwrite: bool = False,
     """
     out = Path(out) if out else pipeline.cache
     manifest = pipeline.manifest()
-    entries = validate_splits(pipeline, manifest)
-    resolved = {e["name"]: resolved_entry(e["name"], manifest, pipeline.manifest_path) for e in entries}
+    validate_splits(pipeline, manifest)
     # refuses an existing output, or one another extraction is writing, before any work
     writer = CacheWriter(out, overwrite=overwrite)
     try:
-        return _extract(pipeline, manifest, entries, resolved, writer, batch_size=batch_size, progress=progress,
-                        timings=timings, shard=shard, device=device, amp=amp, trust_checkpoint=trust_checkpoint)
+        model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress, trust=trust_checkpoint)
+        spec, options = pipeline.backbone, pipeline.extract
+        sources = pipeline_sources(pipeline, manifest, input_channels(model))
+        return write_cache(model, sources, writer, backbone=backbone_label(spec), checkpoint_sha256=checkpoint_sha,
+                           feature_layer=spec.get("feature_layer"), prepool_layer=spec.get("prepool_layer"),
+                           batch_size=int(batch_size or options.get("batch_size", 256)),
+                           device=str(device or options.get("device", "cpu")),
+                           amp=amp if amp is not None else options.get("amp"),
+                           workers=int(options.get("workers", 0)), progress=progress, timings=timings, shard=shard)
     finally:
         writer.close()
 
 
-def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progress, timings, shard, device,
-             amp, trust_checkpoint) -> Path:
+def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWriter, *, backbone: str,
+                checkpoint_sha256: str, feature_layer: str | None = None, prepool_layer: str | None = None,
+                batch_size: int = 256, device: str = "cpu", amp: str | None = None, workers: int = 0,
+                progress: bool = True, timings: dict | None = None, shard: tuple[int, int] | None = None) -> Path:
+    """Run `model` (in eval mode) over every split of `sources` into the cache `writer` opens.
+
+    The one extraction path, of `featcache extract` and of `featcache.extract`: head, feature and
+    pre-pool layers found in the model (or named), the resume key, every batch's logits checked
+    against features and head, free space checked before each write.
+    """
     import time
 
     from tqdm import tqdm
 
-    model, checkpoint_sha = prepare_backbone(pipeline, manifest, progress=progress, trust=trust_checkpoint)
-    spec = pipeline.backbone
-    layers = find_layers(model, spec.get("feature_layer"), spec.get("prepool_layer"))
-    options = pipeline.extract
-    device = str(device or options.get("device", "cpu"))
+    layers = find_layers(model, feature_layer, prepool_layer)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FeatcacheError(f"--device {device}: no CUDA device is available here")
-    extractor = FeatureExtractor(model, layers, device=device, amp=amp if amp is not None else options.get("amp"))
-    batch_size = int(batch_size or options.get("batch_size", 256))
-    workers = int(options.get("workers", 0))
-    preprocessing = {name: {k: v for k, v in entry.items() if k != "role"} for name, entry in resolved.items()}
-    first = first_image(load_dataset(entries[0]["name"], manifest, pipeline.manifest_path))
+    extractor = FeatureExtractor(model, layers, device=device, amp=amp)
+    first_data = sources[0].load()
+    probe_image = first_image(first_data)
+    probe(extractor, first_data, sources[0].where)  # a clear error for images the backbone cannot take
+    del first_data
     root_attrs = dict(
-        featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=backbone_label(spec),
-        checkpoint_sha256=checkpoint_sha, feature_layer=layers.feature, prepool_layer=layers.prepool,
-        prepool_size=prepool_size(extractor, first), precision=extractor.precision,
+        featcache_version=featcache.__version__, torch_version=torch.__version__, backbone=backbone,
+        checkpoint_sha256=checkpoint_sha256, feature_layer=layers.feature, prepool_layer=layers.prepool,
+        prepool_size=prepool_size(extractor, probe_image), precision=extractor.precision,
         device=device_description(extractor.device),
-        preprocessing=json.dumps(preprocessing, sort_keys=True),
+        preprocessing=json.dumps({s.name: s.entry for s in sources}, sort_keys=True),
     )
     if shard is not None:
         root_attrs["shard"] = f"{shard[0]}/{shard[1]}"
@@ -240,8 +343,8 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
         "featcache_version", "torch_version", "backbone", "checkpoint_sha256", "feature_layer", "prepool_layer",
         "precision", "device")}
     resume_key |= {"batch_size": batch_size, "shard": root_attrs.get("shard"),
-                   "splits": {name: _with_locations(entry) for name, entry in resolved.items()}}
-    room = Room(writer, entries, extractor, batch_size)
+                   "splits": {s.name: {"role": s.role, **s.resume} for s in sources}}
+    room = Room(writer, sources, extractor, batch_size)
     try:
         room.check(room.head_bytes)
         resumed = writer.open(root_attrs, extractor.weight, extractor.bias, resume_key=resume_key)
@@ -249,13 +352,13 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
             print(f"not resuming {writer.partial}: {writer.restart_reason}; starting afresh")
         if resumed and progress:
             print(f"resuming {writer.partial}")
-        for entry in entries:
-            name = entry["name"]
+        for source in sources:
+            name = source.name
             t0 = time.perf_counter()
-            data = load_dataset(name, manifest, pipeline.manifest_path)
-            check_ids(data.ids, f"{pipeline.manifest_path}: dataset {name!r}")
-            probe = extractor(first_image(data))  # sizes the arrays, even for a shard with no rows
-            extra = {}
+            data = source.load()
+            check_ids(data.ids, source.where)
+            first = probe(extractor, data, source.where)
+            extra = dict(source.attrs)
             if shard is not None:
                 # Shard boundaries fall on whole batches, so every batch holds the same rows as in a
                 # one-process run: results then agree bit for bit (kernels can depend on batch size).
@@ -264,31 +367,28 @@ def _extract(pipeline, manifest, entries, resolved, writer, *, batch_size, progr
                 lo = min(total, shard[0] * n_batches // shard[1] * batch_size)
                 hi = min(total, (shard[0] + 1) * n_batches // shard[1] * batch_size)
                 data = data.subset(lo, hi)
-                extra = {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
+                extra |= {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()
-            if entry["role"] == "pseudo_ood":
-                extra |= {"corruption": entry["source"].get("corruption", ""), "severity": entry["source"].get("severity", 0),
-                          "of": entry["source"].get("of", "")}
-            if entry.get("group"):
-                extra["group"] = entry["group"]
-            split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
+            split = _open_split(writer, source, data, first, extractor, layers, extra, batch_size)
             if not _same_ids(writer, split, data):
                 # the partial's rows of this split came from other samples (files added, removed or
                 # renamed since): they are extracted again
                 writer.store.delete(split.group)
-                split = _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size)
-            room.plan(split, data.ids, probe)
+                split = _open_split(writer, source, data, first, extractor, layers, extra, batch_size)
+            room.plan(split, data.ids, first)
             if split.complete:
                 continue
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
                        disable=not progress, leave=False)
             step = int(split.write_rows or batch_size)  # a resumed split keeps its chunk layout
-            for start, stop, images in batches(data, split.rows_written, len(data), step, workers,
-                                               pin_memory=extractor.device.type == "cuda"):
+            labelled = source.role in LABELLED_ROLES
+            for start, stop, images, labels in batches(data, split.rows_written, len(data), step, workers,
+                                                       pin_memory=extractor.device.type == "cuda"):
                 batch = extractor(images)
                 check_logits(batch["features"], batch["logits"], extractor.weight, extractor.bias,
                              f"split {name!r} rows {start}-{stop}")
-                batch["labels"] = data.labels[start:stop]
+                batch["labels"] = (np.asarray(labels, np.int64) if labelled
+                                   else np.full(stop - start, -1, np.int64))
                 batch["ids"] = data.ids[start:stop]
                 # chunks are whole multiples of an append, so an append begins at most one new chunk
                 # of every array: allocated whole (HDF5), or written anew before the old one goes (Zarr)
@@ -383,7 +483,7 @@ class Room:
 
     SLACK = 1 << 20  # metadata written when splits are finished and the file is closed
 
-    def __init__(self, writer: CacheWriter, entries: list, extractor, batch_size: int):
+    def __init__(self, writer: CacheWriter, sources: list, extractor, batch_size: int):
         self.writer, self.batch_size = writer, batch_size
         # HDF5 stores chunks as they are (edge chunks whole); Zarr compresses them, so takes less
         self.about = "about" if writer.fmt == "h5" else "up to"
@@ -393,7 +493,7 @@ class Room:
         # probe gives the channel count C, ResNets' C = D stands in
         self.widths = self._widths(d, d, k, linked=False, id_chars=32)
         self.chunk_bytes = 0
-        self.declared = {e["name"]: e.get("size") for e in entries}
+        self.declared = {s.name: s.entry.get("size") for s in sources}
         self.splits: dict[str, list[int]] = {}  # name -> [n, rows written]
 
     @staticmethod
@@ -483,9 +583,9 @@ class Room:
         return sum(self._bytes(n, 0) - self._bytes(n, written) for n, written in self.splits.values())
 
 
-def _open_split(writer, name, entry, data, probe, extractor, layers, extra, batch_size):
+def _open_split(writer, source: SplitSource, data, probe, extractor, layers, extra, batch_size):
     dims = {"D": probe["features"].shape[1], "C": probe["chan_max"].shape[1], "K": probe["logits"].shape[1]}
     if dims["D"] != extractor.weight.shape[1]:
         raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")
-    return writer.split(name, role=entry["role"], source=name, n=len(data), dims=dims,
+    return writer.split(source.name, role=source.role, source=source.name, n=len(data), dims=dims,
                         chan_mean_is_features=layers.mean_pooled, extra_attrs=extra, write_rows=batch_size)

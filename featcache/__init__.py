@@ -6,10 +6,12 @@ hyperparameters, `scores` per sample; `open_cache` reads a cache's arrays.
 
 __version__ = "0.1.0"
 
-# The subpackage featcache/extract/ is imported before the function `extract` takes its name here:
-# Python binds a subpackage to its parent's attribute only when it is first imported, so later
-# imports of featcache.extract.runner and the like leave `featcache.extract` the function.
+# The modules featcache/extract/, sweep.py and select.py are imported before the functions take their
+# names here: Python binds a submodule to its parent's attribute only when it is first imported, so
+# later imports of featcache.sweep or featcache.extract.runner leave `featcache.sweep` the function.
 import featcache.extract  # noqa: E402,F401
+import featcache.select  # noqa: E402,F401
+import featcache.sweep  # noqa: E402,F401
 
 from featcache.api import extract, scores, select, sweep  # noqa: E402
 from featcache.cache import open_cache  # noqa: E402

@@ -347,10 +347,15 @@ def write_scores(frame, out, *, overwrite: bool = False) -> Path:
             table.attrs = {}
             table.to_parquet(tmp, index=False)
         elif suffix == ".csv":
-            frame.to_csv(tmp, index=False, float_format="%r")
+            text = frame.copy()
+            for column in text.columns:  # the shortest text that reads back as the same float
+                if text[column].dtype.kind == "f":
+                    text[column] = [repr(float(v)) for v in text[column]]
+            text.to_csv(tmp, index=False)
         else:
             with open(tmp, "wb") as fh:
-                np.savez(fh, **{c: frame[c].to_numpy(dtype=str if frame[c].dtype == object else None)
+                # strings as fixed-width unicode: object arrays would need pickle to load
+                np.savez(fh, **{c: frame[c].to_numpy() if frame[c].dtype.kind in "biuf" else frame[c].to_numpy(dtype=str)
                                for c in frame.columns})
         os.replace(tmp, out)
     finally:

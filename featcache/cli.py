@@ -214,6 +214,41 @@ def report(pipeline, cache_path, no_figures):
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f", {len(figures)} figures, {page}")
 
 
+@cli.command(name="scores")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--method", required=True, help="A method (`featcache methods` lists them), e.g. ash_s or nap+energy.")
+@click.option("--params", "params_json", default="{}", show_default=True,
+              help='The method\'s parameters as a JSON object, e.g. \'{"p": 90}\'; the rest take their defaults.')
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output file; its suffix chooses the format: .parquet, .csv or .npz.")
+@click.option("--cache", "cache_path", type=click.Path(), default=None, help="Cache to read (default: the pipeline's `cache:`).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
+    """Write one configuration's per-sample scores on every split of PIPELINE's cache to --out.
+
+    Columns: split, role, group, id, label, score (higher = more in-distribution), prediction.
+    """
+    from pathlib import Path
+
+    from featcache.api import scores, write_scores
+    from featcache.config import load_pipeline
+
+    spec = load_pipeline(pipeline)
+    try:
+        params = json.loads(params_json)
+    except ValueError as exc:
+        raise FeatcacheError(f"--params {params_json!r}: not JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise FeatcacheError(f"--params {params_json!r}: expected a JSON object such as '{{\"p\": 90}}'")
+    target = Path(out)
+    if target.exists() and not overwrite:  # before the work, not after it
+        raise FeatcacheError(f"{target}: exists; not replacing it (choose another --out, or pass --overwrite)")
+    table = scores(cache_path or spec.cache, method, groups=spec.groups, **params)
+    write_scores(table, target, overwrite=overwrite)
+    click.echo(f"{table.attrs['method']} {table.attrs['params']}: {len(table)} samples of "
+               f"{table['split'].nunique()} splits -> {target}")
+
+
 @cli.command()
 @click.argument("cache", type=click.Path())
 def upgrade(cache):

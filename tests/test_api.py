@@ -352,3 +352,17 @@ def test_the_package_exports_the_api_without_importing_torch():
     import featcache.extract.runner  # noqa: F401  (importing the subpackage's modules keeps the function)
 
     assert callable(featcache.extract) and featcache.extract.__module__ == "featcache.api"
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ash_s" in result.stdout and "react" in result.stdout and "other" in result.stdout
+    with featcache.open_cache(tmp_path / "cache" / "api_example.h5") as cache:
+        assert sorted(s.name for s in cache.splits()) == ["other", "test", "train", "val"]

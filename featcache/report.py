@@ -295,9 +295,12 @@ def compare(results_a, results_b, *, partial: bool = False) -> list[dict]:
 
 
 def format_compare(rows: list[dict], label_a: str, label_b: str) -> str:
-    head = (f"{'method':<13} {'params':<40} {'FPR95 A':>8} {'FPR95 B':>8} {'B-A':>7} {'AUROC A':>8} {'AUROC B':>8} {'B-A':>7}")
-    lines = [f"A = {label_a}", f"B = {label_b}", "mean over ood splits, percent", head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['method']:<13} {r['params'][:40]:<40} {100 * r['fpr95_a']:8.2f} {100 * r['fpr95_b']:8.2f} "
-                     f"{100 * r['fpr95_diff']:+7.2f} {100 * r['auroc_a']:8.2f} {100 * r['auroc_b']:8.2f} {100 * r['auroc_diff']:+7.2f}")
-    return "\n".join(lines)
+    """A and B side by side per configuration, percent; parameters in full as in the CSVs."""
+    from featcache.tables import render, wrap_params
+
+    body = [[r["method"], f"{100 * r['fpr95_a']:.2f}", f"{100 * r['fpr95_b']:.2f}", f"{100 * r['fpr95_diff']:+.2f}",
+             f"{100 * r['auroc_a']:.2f}", f"{100 * r['auroc_b']:.2f}", f"{100 * r['auroc_diff']:+.2f}",
+             wrap_params(r["params"])] for r in rows]
+    table = render(["method", "FPR95 A", "FPR95 B", "B-A", "AUROC A", "AUROC B", "B-A", "params"], body,
+                   right=set(range(1, 7)))
+    return "\n".join([f"A = {label_a}", f"B = {label_b}", "mean over ood splits, percent", table])

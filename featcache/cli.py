@@ -153,17 +153,19 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
     """
     from featcache.config import load_pipeline
     from featcache.sweep import run_sweep
+    from featcache.results import provenance_line
     from featcache.tables import format_table
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
     rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
                      scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
-                     overwrite=overwrite)
+                     overwrite=overwrite, pipeline=spec.name)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
     click.echo(format_table(rows))
+    click.echo(provenance_line(out))
 
 
 @cli.command(name="select")
@@ -184,7 +186,7 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     from featcache.config import load_pipeline
     from featcache.select import SELECTION_COLUMNS, format_selection, run_select
     from featcache.replay import check_fingerprint, load_replay, ood_groups
-    from featcache.results import guard_output, write_csv, write_meta
+    from featcache.results import cache_provenance, guard_output, provenance_line, write_csv, write_meta
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})
@@ -192,17 +194,19 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     cache_path = cache_path or spec.cache
     with open_cache(cache_path) as cache:
         replay = load_replay(cache, with_selection=True)
+        provenance = cache_provenance(cache)
         rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
                           paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark, progress=not quiet,
                           groups=ood_groups(cache, spec.groups, f"{spec.path}: groups"), pipeline_path=spec.path)
     check_fingerprint(cache_path, replay.fingerprint)  # every number above came from one cache
     write_csv(rows, out, SELECTION_COLUMNS)
-    write_meta(out, command="selection", fingerprint=replay.fingerprint, cache=str(cache_path),
+    write_meta(out, command="selection", pipeline=spec.name, **provenance, cache=str(cache_path),
                criterion=criterion or options.get("criterion", "auroc"), benchmark=spec.benchmark)
     click.echo(f"selection -> {out}")
     click.echo(f"mean over ood splits, percent; paper defaults for benchmark {spec.benchmark or '(none declared)'}; "
                "the oracle column looked at the test OOD data:")
     click.echo(format_selection(rows, spec.benchmark))
+    click.echo(provenance_line(out))
 
 
 @cli.command()

@@ -1,11 +1,14 @@
 """What a person looks at after a sweep: paper-format tables (Markdown, CSV, LaTeX), figures (PNG)
 and one self-contained HTML page with all of them.
 
-Tables: methods as rows, FPR95 and AUROC per ood split and their average, best values marked. The
-configuration shown per method is the one `featcache select` chose on pseudo-OOD data when a
-selection.csv exists, otherwise the best of the sweep on the test OOD data, which the table then
-labels as an oracle. Figures: each method's metrics against its swept parameter, and for the
-configuration shown, score histograms of id_test against each ood split with the ROC curves.
+Tables: methods as rows, FPR95 and AUROC per ood split and their average, best values in bold
+(BOLD_RULE). The configuration shown per method is the one `featcache select` chose on pseudo-OOD
+data when a selection.csv exists, otherwise the best of the sweep on the test OOD data, which the
+table then labels as an oracle. Every output says where its numbers came from (pipeline, cache
+fingerprint, backbone, checkpoint, featcache version, date), read from the results' meta files.
+Figures: an overview of the methods (the configuration shown, per group of ood splits and mean);
+each method's metrics against its swept parameter, the configuration shown marked; and for that
+configuration, score histograms of id_test against each ood split with the ROC curves.
 """
 
 from __future__ import annotations
@@ -47,32 +50,69 @@ def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
     return list(table.values()), oods, label
 
 
-def _best(table, column, metric):
-    values = [t[column][metric] for t in table]
-    return min(values) if metric == "fpr95" else max(values)
+# Which cells are bold. Values are compared as shown (percent, two decimals), so what looks equal is
+# equal. The best value of a column is bold on every row that has it, unless every row has it: a
+# column where all methods tie (or a table of one method) has nothing to single out, and bolding
+# every cell would read as "all best" when it means "no difference".
+BOLD_RULE = "bold: a column's best value, unless every method ties on it"
+
+
+def bold_flags(values: list[str], metric: str) -> list[bool]:
+    """Per shown value (percent strings of one column), whether it is bold under BOLD_RULE."""
+    numbers = [float(v) for v in values]
+    if not numbers:
+        return []
+    best = min(numbers) if metric == "fpr95" else max(numbers)
+    flags = [n == best for n in numbers]
+    return [False] * len(flags) if all(flags) else flags
 
 
 def cells(table, oods):
-    """Header and rows of percent strings, with a flag for the best value in each column."""
+    """Header and rows of percent strings, with a flag for the bold values (BOLD_RULE) of each column."""
     columns = oods + [MEAN]
     header = ["method", "params"] + [f"{c} {m}" for c in columns for m in ("FPR95", "AUROC")]
-    body = []
-    for t in table:
-        row = [(t["method"], False), (t["params"], False)]
-        for c in columns:
-            for metric in ("fpr95", "auroc"):
-                value = t[c][metric]
-                row.append((f"{100 * value:.2f}", value == _best(table, c, metric)))
-        body.append(row)
+    body = [[(t["method"], False), (t["params"], False)] for t in table]
+    for c in columns:
+        for metric in ("fpr95", "auroc"):
+            shown = [f"{100 * t[c][metric]:.2f}" for t in table]
+            for row, value, bold in zip(body, shown, bold_flags(shown, metric)):
+                row.append((value, bold))
     return header, body
 
 
-def to_markdown(table, oods, label) -> str:
+RESULTS_FILES = ("sweep.csv", "selection.csv")
+
+
+def provenance(results_dir: Path) -> list[tuple[str, list[tuple[str, str]] | None]]:
+    """Per results file present in `results_dir`, its provenance fields from the meta file beside
+    it (featcache.results.provenance_fields), or None when it has no meta file (older results)."""
+    from featcache.results import provenance_fields, read_meta
+
+    out = []
+    for name in RESULTS_FILES:
+        if (results_dir / name).exists():
+            meta = read_meta(results_dir / name)
+            out.append((name, None if meta is None else provenance_fields(meta)))
+    return out
+
+
+def provenance_text(name: str, fields) -> str:
+    from featcache.results import meta_path
+
+    if fields is None:
+        return f"{name}: provenance unknown: no {meta_path(name).name} beside it (results written by an older featcache)"
+    return f"{name}: " + "; ".join(f"{k} {v}" for k, v in fields)
+
+
+def to_markdown(table, oods, label, sources=()) -> str:
+    """The results table; `sources` (`provenance` of the results directory) listed under it."""
     header, body = cells(table, oods)
-    lines = [f"_{label}; percent; best in bold; FPR95 lower is better, AUROC higher_", "",
+    lines = [f"_{label}; percent; {BOLD_RULE}; FPR95 lower is better, AUROC higher_", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in body:
         lines.append("| " + " | ".join(f"**{v}**" if best else v.replace("|", "\\|") for v, best in row) + " |")
+    if sources:
+        lines += ["", "Provenance:", ""] + [f"- {provenance_text(name, fields)}" for name, fields in sources]
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +210,25 @@ def _html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _html_provenance(sources) -> str:
+    """A table of where the numbers came from: a row per results file, from its meta file."""
+    from featcache.results import meta_path
+
+    if not sources:
+        return ""
+    from featcache.results import provenance_fields
+
+    header = ["results"] + [k for k, _ in provenance_fields({})]
+    body = []
+    for name, fields in sources:
+        if fields is None:
+            body.append([(name, False), (f"provenance unknown: no {meta_path(name).name} beside it (results "
+                                         "written by an older featcache)", False)] + [("", False)] * (len(header) - 2))
+        else:
+            body.append([(name, False)] + [(v, False) for _, v in fields])
+    return "<h2>Provenance</h2>" + _html_table(header, body).replace("<table>", "<table class='provenance'>", 1)
+
+
 def selection_cells(results_dir: Path):
     """Header and rows of the selection table (selected, paper default, oracle), percent, or None."""
     path = results_dir / "selection.csv"
@@ -219,8 +278,8 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
 
     table, oods, label = table_rows(results_dir)
     header, body = cells(table, oods)
-    parts = [f"<h1>featcache report: {html.escape(name)}</h1>",
-             f"<p class='note'>{html.escape(label)}. Percent; best value per column in bold. "
+    parts = [f"<h1>featcache report: {html.escape(name)}</h1>", _html_provenance(provenance(results_dir)),
+             f"<p class='note'>{html.escape(label)}. Percent; {BOLD_RULE}. "
              "FPR95: OOD accepted at 95% ID recall (lower is better); AUROC: higher is better.</p>",
              "<h2>Results per ood split</h2>", _html_table(header, body)]
     selection = selection_cells(results_dir)
@@ -251,7 +310,7 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
 def write_tables(results_dir: Path) -> dict[str, Path]:
     table, oods, label = table_rows(results_dir)
     out = {}
-    for suffix, text in (("md", to_markdown(table, oods, label)), ("csv", to_csv(table, oods)),
+    for suffix, text in (("md", to_markdown(table, oods, label, provenance(results_dir))), ("csv", to_csv(table, oods)),
                          ("tex", to_latex(table, oods, label))):
         path = results_dir / f"table.{suffix}"
         path.write_text(text)

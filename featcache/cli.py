@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from contextlib import contextmanager
 
 import click
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
+
+
+@contextmanager
+def next_step(pipeline, cache_option=None):
+    """A missing cache or results file (NextStep) names the command to run with PIPELINE as the user
+    typed it; a cache given with --cache is made by `featcache extract PIPELINE --out` that path."""
+    try:
+        yield
+    except NextStep as exc:
+        extra = f" --out {shlex.quote(str(cache_option))}" if cache_option and "extract" in exc.command else ""
+        raise exc.for_pipeline(shlex.quote(str(pipeline)), extra) from None
 
 
 @click.group()
@@ -97,7 +110,11 @@ def merge(target, shards, overwrite):
     """Join SHARDS (caches from `featcache extract --shard i/n`) into one cache TARGET."""
     from featcache.cache.convert import merge as run_merge
 
-    click.echo(f"wrote {run_merge(shards, target, overwrite=overwrite)}")
+    try:
+        merged = run_merge(shards, target, overwrite=overwrite)
+    except NextStep as exc:  # a shard that is not there yet: name how shards are made
+        raise NextStep(exc.problem, exc.command + " --shard I/N", exc.when) from None
+    click.echo(f"wrote {merged}")
 
 
 @cli.command()
@@ -158,9 +175,10 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
-    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
-                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
-                     overwrite=overwrite, pipeline=spec.name)
+    with next_step(pipeline, cache_path):
+        rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
+                         scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
+                         overwrite=overwrite, pipeline=spec.name)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
@@ -192,7 +210,7 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     options = dict(spec.raw.get("select") or {})
     out = guard_output(out or spec.results_dir / "selection.csv", "selection", overwrite, SELECTION_COLUMNS)
     cache_path = cache_path or spec.cache
-    with open_cache(cache_path) as cache:
+    with next_step(pipeline, cache_path if cache_path != spec.cache else None), open_cache(cache_path) as cache:
         replay = load_replay(cache, with_selection=True)
         provenance = cache_provenance(cache)
         rows = run_select(spec.sweep, replay, criterion=criterion or options.get("criterion", "auroc"),
@@ -219,10 +237,11 @@ def report(pipeline, cache_path, no_figures):
     from featcache.report import write_figures, write_html, write_tables
 
     spec = load_pipeline(pipeline)
-    paths = write_tables(spec.results_dir)
-    click.echo(paths["md"].read_text())
-    figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
-    page = write_html(spec.results_dir, spec.name, figures)
+    with next_step(pipeline, cache_path):
+        paths = write_tables(spec.results_dir)
+        click.echo(paths["md"].read_text())
+        figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
+        page = write_html(spec.results_dir, spec.name, figures)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f", {len(figures)} figures, {page}")
 
 

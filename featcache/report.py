@@ -19,7 +19,7 @@ import io
 import json
 from pathlib import Path
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
 from featcache.results import MEAN, read_csv
 from featcache.tables import best_per_method
 
@@ -39,9 +39,10 @@ def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
     elif sweep.exists():
         rows = read_csv(sweep)
         chosen = {(r["method"], r["params"]) for r in best_per_method(rows)}
-        label = "ORACLE: best configuration of the sweep on the test OOD data (lowest mean FPR95)"
+        label = ("ORACLE: best configuration of the sweep on the test OOD data (lowest mean FPR95); "
+                 "`featcache select PIPELINE` chooses on pseudo-OOD instead")
     else:
-        raise FeatcacheError(f"{results_dir}: no sweep.csv or selection.csv; run `featcache sweep` first")
+        raise NextStep(f"{results_dir}: no sweep.csv or selection.csv", "featcache sweep PIPELINE")
     oods = list(dict.fromkeys(r["ood"] for r in rows if r["ood"] != MEAN))
     table = {}
     for r in rows:

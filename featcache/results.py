@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
 
 
 COLUMNS = ("method", "params", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc")
@@ -57,13 +57,19 @@ def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
     return path
 
 
+def made_by(path) -> str:
+    """The command that writes a results file: `featcache select` for selection*.csv, else sweep."""
+    return "featcache select PIPELINE" if Path(path).name.startswith("selection") else "featcache sweep PIPELINE"
+
+
 def read_csv(path) -> list[dict]:
-    """Rows of a results CSV with the metric columns as floats."""
+    """Rows of a results CSV with the metric columns as floats. A missing file: NextStep naming the
+    command that writes it (`made_by`)."""
     try:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except FileNotFoundError:
-        raise FeatcacheError(f"{path}: no such results file") from None
+        raise NextStep(f"{path}: no such results file", made_by(path)) from None
     for row in rows:
         for key in METRICS + ("id_acc",):
             try:

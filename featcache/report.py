@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from featcache.errors import FeatcacheError, NextStep
-from featcache.results import MEAN, read_csv
+from featcache.results import GROUP_PREFIX, MEAN, read_csv
 from featcache.tables import best_per_method
 
 
@@ -147,6 +147,13 @@ def to_latex(table, oods, label) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overview_columns(oods: list[str]) -> tuple[list[str], str]:
+    """The columns of the overview figure and what they are: the groups of ood splits and the
+    mean, or, where the splits form no groups, each split and the mean."""
+    groups = [o for o in oods if o.startswith(GROUP_PREFIX)]
+    return (groups + [MEAN], "group of ood splits") if groups else (oods + [MEAN], "ood split")
+
+
 def figure_name(kind: str, method: str) -> str:
     return f"{kind}_{method.replace('+', '_plus_')}.png"
 
@@ -173,21 +180,28 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
     """Sensitivity figures from sweep.csv, and score figures recomputed from the cache."""
     from featcache.cache.reader import open_cache
     from featcache.methods import get_method
-    from featcache.plots import scores_figure, sensitivity_figure
+    from featcache.plots import overview_figure, scores_figure, sensitivity_figure
     from featcache.replay import check_fingerprint, load_replay
 
     figures_dir = results_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    figures = []
+    table, oods, label = table_rows(results_dir)
+    shown = "selected on pseudo-OOD" if (results_dir / "selection.csv").exists() else "ORACLE: best on test OOD"
+    figures = [(f"Overview: each method's configuration ({shown}), per {overview_columns(oods)[1]} and mean",
+                overview_figure(table, overview_columns(oods)[0], figures_dir / "overview.png",
+                                f"methods compared, configuration {shown}"))]
+    selection = results_dir / "selection.csv"
+    selected = ({r["method"]: r for r in read_csv(selection) if r["choice"] == "selected" and r["ood"] == MEAN}
+                if selection.exists() else {})
     sweep = results_dir / "sweep.csv"
     if sweep.exists():
         rows = read_csv(sweep)
         for method in dict.fromkeys(r["method"] for r in rows):
             path = sensitivity_figure(method, [r for r in rows if r["method"] == method],
-                                      figures_dir / figure_name("sensitivity", method))
+                                      figures_dir / figure_name("sensitivity", method), selected.get(method))
             if path:
-                figures.append((f"{method}: metrics against its hyperparameter", path))
-    table, _, label = table_rows(results_dir)
+                mark = "; star: the configuration selected on pseudo-OOD" if method in selected else ""
+                figures.append((f"{method}: metrics against its hyperparameter{mark}", path))
     expected = results_fingerprint(results_dir)
     with open_cache(cache_path) as cache:
         if expected is not None and cache.fingerprint != expected:
@@ -197,17 +211,23 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
         for entry in table:
             method, params = get_method(entry["method"]), json.loads(entry["params"])
             id_scores = method(replay.id_test, replay.head, replay.fit, **params).scores
-            oods = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
-            path = scores_figure(method.name, params, id_scores, oods, figures_dir / figure_name("scores", method.name))
+            ood_scores = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
+            path = scores_figure(method.name, params, id_scores, ood_scores, figures_dir / figure_name("scores", method.name))
             figures.append((f"{method.name}: scores and ROC ({'selected on pseudo-OOD' if 'selected' in label else 'oracle'})", path))
     check_fingerprint(cache_path, replay.fingerprint)  # the cache was not replaced while the figures were drawn
     return figures
 
 
 def _html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td class='best'>{html.escape(v)}</td>" if best else f"<td>{html.escape(v)}</td>"
-                                    for v, best in row) + "</tr>" for row in body)
+    """Numbers right-aligned, text (method, params, provenance) left-aligned; best cells marked."""
+    def cell(value, best):
+        classes = (["best"] if best else []) + ([] if _is_number(value) else ["text"])
+        return f"<td class='{' '.join(classes)}'>{html.escape(value)}</td>" if classes else f"<td>{html.escape(value)}</td>"
+
+    text = [any(not _is_number(row[i][0]) for row in body) for i in range(len(header))]  # headed like its cells
+    head = "".join(f"<th class='text'>{html.escape(h)}</th>" if t else f"<th>{html.escape(h)}</th>"
+                   for h, t in zip(header, text))
+    rows = "".join("<tr>" + "".join(cell(v, best) for v, best in row) + "</tr>" for row in body)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -228,6 +248,14 @@ def _html_provenance(sources) -> str:
         else:
             body.append([(name, False)] + [(v, False) for _, v in fields])
     return "<h2>Provenance</h2>" + _html_table(header, body).replace("<table>", "<table class='provenance'>", 1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == ""
+    return True
 
 
 def selection_cells(results_dir: Path):
@@ -299,7 +327,7 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px;"
              "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}.best{font-weight:bold;background:#e8f4e8}"
+             "td:first-child,th:first-child,.text{text-align:left}.best{font-weight:bold;background:#e8f4e8}"
              ".note{color:#555;font-size:13px}figure{margin:1em 0}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report: {html.escape(name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

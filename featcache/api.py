@@ -148,7 +148,7 @@ def results_frame(rows: list[dict], columns) -> "pandas.DataFrame":  # noqa: F82
 
 def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky", scheduler: str | None = None,
           groups: Mapping | None = None, overwrite: bool = False, progress: bool = True,
-          storage_options: dict | None = None) -> "pandas.DataFrame":  # noqa: F821
+          storage_options: dict | None = None, name: str | None = None) -> "pandas.DataFrame":  # noqa: F821
     """Replay every configuration of `grid` on the cache and compute its metrics per ood split.
 
     The rows of `featcache sweep`'s sweep.csv: per configuration one row per ood split, per group
@@ -178,6 +178,8 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
     progress : bool, default True
     storage_options : dict, optional
         fsspec options for a Zarr cache at a URL.
+    name : str, optional
+        What the meta file beside `out` records as the pipeline's name (report provenance).
 
     Returns
     -------
@@ -199,14 +201,15 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
     with tempfile.TemporaryDirectory(prefix="featcache-sweep-") if out is None else _Keep(out) as folder:
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
-                         backend=backend, scheduler=scheduler, groups=dict(groups or {}), overwrite=overwrite)
+                         backend=backend, scheduler=scheduler, groups=dict(groups or {}), overwrite=overwrite,
+                         pipeline=name)
     return results_frame(rows, COLUMNS)
 
 
 def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | None = None,
            paper_defaults: Mapping | None = None, groups: Mapping | None = None, out=None,
-           overwrite: bool = False, progress: bool = True, storage_options: dict | None = None
-           ) -> "pandas.DataFrame":  # noqa: F821
+           overwrite: bool = False, progress: bool = True, storage_options: dict | None = None,
+           name: str | None = None) -> "pandas.DataFrame":  # noqa: F821
     """Choose each method's hyperparameters on id_val against the pseudo_ood splits, then evaluate.
 
     The rows of `featcache select`'s selection.csv: for each method of `grid` the configuration
@@ -230,7 +233,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
         Ood split -> group label.
     out : str or path, optional
         Also write the rows to this CSV (with its meta file).
-    overwrite, progress, storage_options
+    overwrite, progress, storage_options, name
         As for `sweep`.
 
     Returns
@@ -253,7 +256,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
         target = Path(folder) / "selection.csv" if out is None else Path(out)
         rows = select_to_csv(grid, cache, target, criterion=criterion, benchmark=benchmark,
                              paper_defaults=dict(paper_defaults or {}), groups=dict(groups or {}), progress=progress,
-                             overwrite=overwrite, storage_options=storage_options)
+                             overwrite=overwrite, storage_options=storage_options, pipeline=name)
     return results_frame(rows, SELECTION_COLUMNS)
 
 

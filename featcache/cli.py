@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from contextlib import contextmanager
 
 import click
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
+
+
+@contextmanager
+def next_step(pipeline, cache_option=None):
+    """A missing cache or results file (NextStep) names the command to run with PIPELINE as the user
+    typed it; a cache given with --cache is made by `featcache extract PIPELINE --out` that path."""
+    try:
+        yield
+    except NextStep as exc:
+        extra = f" --out {shlex.quote(str(cache_option))}" if cache_option and "extract" in exc.command else ""
+        raise exc.for_pipeline(shlex.quote(str(pipeline)), extra) from None
 
 
 @click.group()
@@ -97,7 +110,11 @@ def merge(target, shards, overwrite):
     """Join SHARDS (caches from `featcache extract --shard i/n`) into one cache TARGET."""
     from featcache.cache.convert import merge as run_merge
 
-    click.echo(f"wrote {run_merge(shards, target, overwrite=overwrite)}")
+    try:
+        merged = run_merge(shards, target, overwrite=overwrite)
+    except NextStep as exc:  # a shard that is not there yet: name how shards are made
+        raise NextStep(exc.problem, exc.command + " --shard I/N", exc.when) from None
+    click.echo(f"wrote {merged}")
 
 
 @cli.command()
@@ -153,17 +170,20 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
     """
     from featcache.config import load_pipeline
     from featcache.sweep import run_sweep
+    from featcache.results import provenance_line
     from featcache.tables import format_table
 
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
-    rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
-                     scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
-                     overwrite=overwrite)
+    with next_step(pipeline, cache_path):
+        rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
+                         scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
+                         overwrite=overwrite, pipeline=spec.name)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
     click.echo(format_table(rows))
+    click.echo(provenance_line(out))
 
 
 @cli.command(name="select")
@@ -181,20 +201,23 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     Shows the chosen configuration beside the papers' default and the oracle (best on test OOD).
     """
     from featcache.config import load_pipeline
+    from featcache.results import provenance_line
     from featcache.select import format_selection, select_to_csv
 
     spec = load_pipeline(pipeline)
     options = dict(spec.raw.get("select") or {})
     out = out or spec.results_dir / "selection.csv"
-    rows = select_to_csv(spec.sweep, cache_path or spec.cache, out,
-                         criterion=criterion or options.get("criterion", "auroc"),
-                         paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark,
-                         groups=spec.groups, groups_where=f"{spec.path}: groups", progress=not quiet,
-                         overwrite=overwrite, pipeline_path=spec.path)
+    with next_step(pipeline, cache_path):
+        rows = select_to_csv(spec.sweep, cache_path or spec.cache, out,
+                             criterion=criterion or options.get("criterion", "auroc"),
+                             paper_defaults=options.get("paper_defaults"), benchmark=spec.benchmark,
+                             groups=spec.groups, groups_where=f"{spec.path}: groups", progress=not quiet,
+                             overwrite=overwrite, pipeline_path=spec.path, pipeline=spec.name)
     click.echo(f"selection -> {out}")
     click.echo(f"mean over ood splits, percent; paper defaults for benchmark {spec.benchmark or '(none declared)'}; "
                "the oracle column looked at the test OOD data:")
     click.echo(format_selection(rows, spec.benchmark))
+    click.echo(provenance_line(out))
 
 
 @cli.command()
@@ -207,10 +230,11 @@ def report(pipeline, cache_path, no_figures):
     from featcache.report import write_figures, write_html, write_tables
 
     spec = load_pipeline(pipeline)
-    paths = write_tables(spec.results_dir)
-    click.echo(paths["md"].read_text())
-    figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
-    page = write_html(spec.results_dir, spec.name, figures)
+    with next_step(pipeline, cache_path):
+        paths = write_tables(spec.results_dir)
+        click.echo(paths["md"].read_text())
+        figures = [] if no_figures else write_figures(spec.results_dir, cache_path or spec.cache)
+        page = write_html(spec.results_dir, spec.name, figures)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()) + f", {len(figures)} figures, {page}")
 
 
@@ -243,7 +267,8 @@ def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
     target = Path(out)
     if target.exists() and not overwrite:  # before the work, not after it
         raise FeatcacheError(f"{target}: exists; not replacing it (choose another --out, or pass --overwrite)")
-    table = scores(cache_path or spec.cache, method, groups=spec.groups, **params)
+    with next_step(pipeline, cache_path):
+        table = scores(cache_path or spec.cache, method, groups=spec.groups, **params)
     write_scores(table, target, overwrite=overwrite)
     click.echo(f"{table.attrs['method']} {table.attrs['params']}: {len(table)} samples of "
                f"{table['split'].nunique()} splits -> {target}")

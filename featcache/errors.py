@@ -17,3 +17,26 @@ class DiskFull(FeatcacheError):
     def __init__(self, message: str, abandoned: bool = False):
         super().__init__(message)
         self.abandoned = abandoned
+
+
+class NextStep(FeatcacheError):
+    """Something a command reads is not there (yet): the message says what, and the featcache
+    command that makes it, e.g. `featcache extract PIPELINE`. Where the pipeline is known (the CLI
+    commands that take one), `for_pipeline` names it in place of PIPELINE."""
+
+    def __init__(self, problem: str, command: str, when: str = "first"):
+        self.problem, self.command, self.when = problem, command, when
+        super().__init__(f"{problem}; run `{command}` {when}")
+
+    def __reduce__(self):  # raised in a joblib or dask worker, it must unpickle in the parent
+        return type(self), (self.problem, self.command, self.when)
+
+    def for_pipeline(self, pipeline, extra: str = "") -> FeatcacheError:
+        """The same message with PIPELINE replaced by `pipeline` and `extra` options appended."""
+        command = self.command.replace("PIPELINE", str(pipeline)) + extra
+        return FeatcacheError(f"{self.problem}; run `{command}` {self.when}")
+
+
+def missing_cache(path, what: str = "cache file") -> NextStep:
+    """A cache that does not exist: `featcache extract` makes it."""
+    return NextStep(f"{path}: no such {what}", "featcache extract PIPELINE")

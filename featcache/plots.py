@@ -30,12 +30,15 @@ def varying_params(rows: list[dict]) -> list[str]:
     return [k for k, v in values.items() if len(v) > 1]
 
 
-def sensitivity_figure(method: str, rows: list[dict], path: Path) -> Path | None:
+def sensitivity_figure(method: str, rows: list[dict], path: Path, selected: dict | None = None) -> Path | None:
     """FPR95 and AUROC against the method's swept parameter, a line per ood split (dashed: per group
     of splits) and the mean.
 
     With a second swept parameter (RG's T, say), only the mean is drawn, a line per value of it.
-    Returns None when the method has no swept parameter.
+    `selected` (the mean row of selection.csv's selected configuration, when there is one) is marked
+    by a vertical line at its value of the swept parameter and a star at its mean metrics: it need
+    not be a grid point (nap+X's w comes from a binary search). Returns None when the method has no
+    swept parameter.
     """
     varying = varying_params(rows)
     if not varying:
@@ -43,7 +46,7 @@ def sensitivity_figure(method: str, rows: list[dict], path: Path) -> Path | None
     x_key = next((k for k in SWEEP_AXES if k in varying), varying[0])
     other = [k for k in varying if k != x_key]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 3.8))
     if other:
         series = {}
         for row in rows:
@@ -64,11 +67,17 @@ def sensitivity_figure(method: str, rows: list[dict], path: Path) -> Path | None
         for label, points in series.items():
             points.sort(key=lambda t: t[0])
             ax.plot([p for p, _ in points], [100 * r[metric] for _, r in points], marker="o", label=label, **styles[label])
+        if selected is not None and isinstance(json.loads(selected["params"]).get(x_key), (int, float)):
+            x_sel = json.loads(selected["params"])[x_key]
+            ax.axvline(x_sel, color="tab:green", linestyle=":", linewidth=1.5)
+            ax.plot([x_sel], [100 * selected[metric]], marker="*", markersize=16, color="tab:green",
+                    markeredgecolor="black", linestyle="none", zorder=5,
+                    label=f"selected on pseudo-OOD ({x_key}={json.dumps(x_sel)}), mean")
         ax.set_xlabel(x_key)
         ax.set_ylabel(f"{metric.upper()} (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the plot, never over a line
     fig.suptitle(f"{method}: sensitivity to {x_key}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -99,13 +108,14 @@ def scores_figure(method: str, params: dict, id_scores: np.ndarray, ood_scores: 
         ax.hist(finite, bins=bins, alpha=0.55, density=True, label=name, color="tab:red")
         ax.set_title(f"id_test vs {name}", fontsize=9)
         ax.set_xlabel("score (higher = more ID)", fontsize=8)
+        ax.set_ylabel("density (each histogram has area 1)", fontsize=8)
         ax.legend(fontsize=7)
     roc = axes[n]
     for name, scores in ood_scores.items():
         fpr, tpr = roc_points(id_scores, scores)
         roc.plot(fpr, tpr, label=name)
     roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    roc.axhline(0.95, color="grey", linewidth=0.8, linestyle="--")
+    roc.axhline(0.95, color="grey", linewidth=0.8, linestyle="--", label="TPR 0.95 (FPR95 read here)")
     roc.set_xlabel("FPR (OOD accepted)", fontsize=8)
     roc.set_ylabel("TPR (ID accepted)", fontsize=8)
     roc.set_title("ROC", fontsize=9)
@@ -113,6 +123,39 @@ def scores_figure(method: str, params: dict, id_scores: np.ndarray, ood_scores: 
     label = ", ".join(f"{k}={v}" for k, v in params.items())
     fig.suptitle(f"{method} ({label})" if label else method)
     fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def overview_figure(table: list[dict], columns: list[str], path: Path, title: str) -> Path:
+    """Every method's configuration as shown in the report (`table`: report.table_rows) side by side:
+    FPR95 and AUROC (percent) per column of `columns` (groups of ood splits, or the splits where
+    there are no groups, then the mean), a bar each; methods ordered by mean AUROC, best on top."""
+    plt = _pyplot()
+    table = sorted(table, key=lambda t: t[MEAN]["auroc"])  # barh draws the first at the bottom
+    n, m = len(table), len(columns)
+    height = 0.8 / m
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.32 * n * max(1.0, m / 2.5)), sharey=True)
+    y = np.arange(n)
+    colors = {c: ("black" if c == MEAN else None) for c in columns}
+    for ax, metric, label in ((axes[0], "fpr95", "FPR95 (%), lower is better"), (axes[1], "auroc", "AUROC (%), higher is better")):
+        for j, column in enumerate(columns):
+            name = column[len(GROUP_PREFIX):] if column.startswith(GROUP_PREFIX) else column
+            ax.barh(y + (m - 1 - j - (m - 1) / 2) * height, [100 * t[column][metric] for t in table], height=height,
+                    label=f"{name} (mean of the group)" if column.startswith(GROUP_PREFIX) else name,
+                    color=colors[column], alpha=0.85)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[1].set_xlim(left=max(0.0, min(100 * t[c]["auroc"] for t in table for c in columns) - 5))
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels([t["method"] for t in table], fontsize=9)
+    axes[0].set_ylim(-0.6, n - 0.4)
+    handles, labels = axes[1].get_legend_handles_labels()
+    inches = fig.get_figheight()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.45 / inches, 1, 1))  # room at the bottom for the legend
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

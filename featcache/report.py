@@ -1,11 +1,14 @@
 """What a person looks at after a sweep: paper-format tables (Markdown, CSV, LaTeX), figures (PNG)
 and one self-contained HTML page with all of them.
 
-Tables: methods as rows, FPR95 and AUROC per ood split and their average, best values marked. The
-configuration shown per method is the one `featcache select` chose on pseudo-OOD data when a
-selection.csv exists, otherwise the best of the sweep on the test OOD data, which the table then
-labels as an oracle. Figures: each method's metrics against its swept parameter, and for the
-configuration shown, score histograms of id_test against each ood split with the ROC curves.
+Tables: methods as rows, FPR95 and AUROC per ood split and their average, best values in bold
+(BOLD_RULE). The configuration shown per method is the one `featcache select` chose on pseudo-OOD
+data when a selection.csv exists, otherwise the best of the sweep on the test OOD data, which the
+table then labels as an oracle. Every output says where its numbers came from (pipeline, cache
+fingerprint, backbone, checkpoint, featcache version, date), read from the results' meta files.
+Figures: an overview of the methods (the configuration shown, per group of ood splits and mean);
+each method's metrics against its swept parameter, the configuration shown marked; and for that
+configuration, score histograms of id_test against each ood split with the ROC curves.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import io
 import json
 from pathlib import Path
 
-from featcache.errors import FeatcacheError
-from featcache.results import MEAN, read_csv
+from featcache.errors import FeatcacheError, NextStep
+from featcache.results import GROUP_PREFIX, MEAN, read_csv
 from featcache.tables import best_per_method
 
 
@@ -36,9 +39,10 @@ def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
     elif sweep.exists():
         rows = read_csv(sweep)
         chosen = {(r["method"], r["params"]) for r in best_per_method(rows)}
-        label = "ORACLE: best configuration of the sweep on the test OOD data (lowest mean FPR95)"
+        label = ("ORACLE: best configuration of the sweep on the test OOD data (lowest mean FPR95); "
+                 "`featcache select PIPELINE` chooses on pseudo-OOD instead")
     else:
-        raise FeatcacheError(f"{results_dir}: no sweep.csv or selection.csv; run `featcache sweep` first")
+        raise NextStep(f"{results_dir}: no sweep.csv or selection.csv", "featcache sweep PIPELINE")
     oods = list(dict.fromkeys(r["ood"] for r in rows if r["ood"] != MEAN))
     table = {}
     for r in rows:
@@ -47,32 +51,69 @@ def table_rows(results_dir: Path) -> tuple[list[dict], list[str], str]:
     return list(table.values()), oods, label
 
 
-def _best(table, column, metric):
-    values = [t[column][metric] for t in table]
-    return min(values) if metric == "fpr95" else max(values)
+# Which cells are bold. Values are compared as shown (percent, two decimals), so what looks equal is
+# equal. The best value of a column is bold on every row that has it, unless every row has it: a
+# column where all methods tie (or a table of one method) has nothing to single out, and bolding
+# every cell would read as "all best" when it means "no difference".
+BOLD_RULE = "bold: a column's best value, unless every method ties on it"
+
+
+def bold_flags(values: list[str], metric: str) -> list[bool]:
+    """Per shown value (percent strings of one column), whether it is bold under BOLD_RULE."""
+    numbers = [float(v) for v in values]
+    if not numbers:
+        return []
+    best = min(numbers) if metric == "fpr95" else max(numbers)
+    flags = [n == best for n in numbers]
+    return [False] * len(flags) if all(flags) else flags
 
 
 def cells(table, oods):
-    """Header and rows of percent strings, with a flag for the best value in each column."""
+    """Header and rows of percent strings, with a flag for the bold values (BOLD_RULE) of each column."""
     columns = oods + [MEAN]
     header = ["method", "params"] + [f"{c} {m}" for c in columns for m in ("FPR95", "AUROC")]
-    body = []
-    for t in table:
-        row = [(t["method"], False), (t["params"], False)]
-        for c in columns:
-            for metric in ("fpr95", "auroc"):
-                value = t[c][metric]
-                row.append((f"{100 * value:.2f}", value == _best(table, c, metric)))
-        body.append(row)
+    body = [[(t["method"], False), (t["params"], False)] for t in table]
+    for c in columns:
+        for metric in ("fpr95", "auroc"):
+            shown = [f"{100 * t[c][metric]:.2f}" for t in table]
+            for row, value, bold in zip(body, shown, bold_flags(shown, metric)):
+                row.append((value, bold))
     return header, body
 
 
-def to_markdown(table, oods, label) -> str:
+RESULTS_FILES = ("sweep.csv", "selection.csv")
+
+
+def provenance(results_dir: Path) -> list[tuple[str, list[tuple[str, str]] | None]]:
+    """Per results file present in `results_dir`, its provenance fields from the meta file beside
+    it (featcache.results.provenance_fields), or None when it has no meta file (older results)."""
+    from featcache.results import provenance_fields, read_meta
+
+    out = []
+    for name in RESULTS_FILES:
+        if (results_dir / name).exists():
+            meta = read_meta(results_dir / name)
+            out.append((name, None if meta is None else provenance_fields(meta)))
+    return out
+
+
+def provenance_text(name: str, fields) -> str:
+    from featcache.results import meta_path
+
+    if fields is None:
+        return f"{name}: provenance unknown: no {meta_path(name).name} beside it (results written by an older featcache)"
+    return f"{name}: " + "; ".join(f"{k} {v}" for k, v in fields)
+
+
+def to_markdown(table, oods, label, sources=()) -> str:
+    """The results table; `sources` (`provenance` of the results directory) listed under it."""
     header, body = cells(table, oods)
-    lines = [f"_{label}; percent; best in bold; FPR95 lower is better, AUROC higher_", "",
+    lines = [f"_{label}; percent; {BOLD_RULE}; FPR95 lower is better, AUROC higher_", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in body:
         lines.append("| " + " | ".join(f"**{v}**" if best else v.replace("|", "\\|") for v, best in row) + " |")
+    if sources:
+        lines += ["", "Provenance:", ""] + [f"- {provenance_text(name, fields)}" for name, fields in sources]
     return "\n".join(lines) + "\n"
 
 
@@ -106,6 +147,13 @@ def to_latex(table, oods, label) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overview_columns(oods: list[str]) -> tuple[list[str], str]:
+    """The columns of the overview figure and what they are: the groups of ood splits and the
+    mean, or, where the splits form no groups, each split and the mean."""
+    groups = [o for o in oods if o.startswith(GROUP_PREFIX)]
+    return (groups + [MEAN], "group of ood splits") if groups else (oods + [MEAN], "ood split")
+
+
 def figure_name(kind: str, method: str) -> str:
     return f"{kind}_{method.replace('+', '_plus_')}.png"
 
@@ -132,21 +180,28 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
     """Sensitivity figures from sweep.csv, and score figures recomputed from the cache."""
     from featcache.cache.reader import open_cache
     from featcache.methods import get_method
-    from featcache.plots import scores_figure, sensitivity_figure
+    from featcache.plots import overview_figure, scores_figure, sensitivity_figure
     from featcache.replay import check_fingerprint, load_replay
 
     figures_dir = results_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    figures = []
+    table, oods, label = table_rows(results_dir)
+    shown = "selected on pseudo-OOD" if (results_dir / "selection.csv").exists() else "ORACLE: best on test OOD"
+    figures = [(f"Overview: each method's configuration ({shown}), per {overview_columns(oods)[1]} and mean",
+                overview_figure(table, overview_columns(oods)[0], figures_dir / "overview.png",
+                                f"methods compared, configuration {shown}"))]
+    selection = results_dir / "selection.csv"
+    selected = ({r["method"]: r for r in read_csv(selection) if r["choice"] == "selected" and r["ood"] == MEAN}
+                if selection.exists() else {})
     sweep = results_dir / "sweep.csv"
     if sweep.exists():
         rows = read_csv(sweep)
         for method in dict.fromkeys(r["method"] for r in rows):
             path = sensitivity_figure(method, [r for r in rows if r["method"] == method],
-                                      figures_dir / figure_name("sensitivity", method))
+                                      figures_dir / figure_name("sensitivity", method), selected.get(method))
             if path:
-                figures.append((f"{method}: metrics against its hyperparameter", path))
-    table, _, label = table_rows(results_dir)
+                mark = "; star: the configuration selected on pseudo-OOD" if method in selected else ""
+                figures.append((f"{method}: metrics against its hyperparameter{mark}", path))
     expected = results_fingerprint(results_dir)
     with open_cache(cache_path) as cache:
         if expected is not None and cache.fingerprint != expected:
@@ -156,18 +211,51 @@ def write_figures(results_dir: Path, cache_path) -> list[tuple[str, Path]]:
         for entry in table:
             method, params = get_method(entry["method"]), json.loads(entry["params"])
             id_scores = method(replay.id_test, replay.head, replay.fit, **params).scores
-            oods = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
-            path = scores_figure(method.name, params, id_scores, oods, figures_dir / figure_name("scores", method.name))
+            ood_scores = {ood.name: method(ood, replay.head, replay.fit, **params).scores for ood in replay.oods}
+            path = scores_figure(method.name, params, id_scores, ood_scores, figures_dir / figure_name("scores", method.name))
             figures.append((f"{method.name}: scores and ROC ({'selected on pseudo-OOD' if 'selected' in label else 'oracle'})", path))
     check_fingerprint(cache_path, replay.fingerprint)  # the cache was not replaced while the figures were drawn
     return figures
 
 
 def _html_table(header: list[str], body: list[list[tuple[str, bool]]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    rows = "".join("<tr>" + "".join(f"<td class='best'>{html.escape(v)}</td>" if best else f"<td>{html.escape(v)}</td>"
-                                    for v, best in row) + "</tr>" for row in body)
+    """Numbers right-aligned, text (method, params, provenance) left-aligned; best cells marked."""
+    def cell(value, best):
+        classes = (["best"] if best else []) + ([] if _is_number(value) else ["text"])
+        return f"<td class='{' '.join(classes)}'>{html.escape(value)}</td>" if classes else f"<td>{html.escape(value)}</td>"
+
+    text = [any(not _is_number(row[i][0]) for row in body) for i in range(len(header))]  # headed like its cells
+    head = "".join(f"<th class='text'>{html.escape(h)}</th>" if t else f"<th>{html.escape(h)}</th>"
+                   for h, t in zip(header, text))
+    rows = "".join("<tr>" + "".join(cell(v, best) for v, best in row) + "</tr>" for row in body)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _html_provenance(sources) -> str:
+    """A table of where the numbers came from: a row per results file, from its meta file."""
+    from featcache.results import meta_path
+
+    if not sources:
+        return ""
+    from featcache.results import provenance_fields
+
+    header = ["results"] + [k for k, _ in provenance_fields({})]
+    body = []
+    for name, fields in sources:
+        if fields is None:
+            body.append([(name, False), (f"provenance unknown: no {meta_path(name).name} beside it (results "
+                                         "written by an older featcache)", False)] + [("", False)] * (len(header) - 2))
+        else:
+            body.append([(name, False)] + [(v, False) for _, v in fields])
+    return "<h2>Provenance</h2>" + _html_table(header, body).replace("<table>", "<table class='provenance'>", 1)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == ""
+    return True
 
 
 def selection_cells(results_dir: Path):
@@ -219,8 +307,8 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
 
     table, oods, label = table_rows(results_dir)
     header, body = cells(table, oods)
-    parts = [f"<h1>featcache report: {html.escape(name)}</h1>",
-             f"<p class='note'>{html.escape(label)}. Percent; best value per column in bold. "
+    parts = [f"<h1>featcache report: {html.escape(name)}</h1>", _html_provenance(provenance(results_dir)),
+             f"<p class='note'>{html.escape(label)}. Percent; {BOLD_RULE}. "
              "FPR95: OOD accepted at 95% ID recall (lower is better); AUROC: higher is better.</p>",
              "<h2>Results per ood split</h2>", _html_table(header, body)]
     selection = selection_cells(results_dir)
@@ -239,7 +327,7 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px;"
              "margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}.best{font-weight:bold;background:#e8f4e8}"
+             "td:first-child,th:first-child,.text{text-align:left}.best{font-weight:bold;background:#e8f4e8}"
              ".note{color:#555;font-size:13px}figure{margin:1em 0}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>featcache report: {html.escape(name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
@@ -251,7 +339,7 @@ def write_html(results_dir: Path, name: str, figures: list[tuple[str, Path]]) ->
 def write_tables(results_dir: Path) -> dict[str, Path]:
     table, oods, label = table_rows(results_dir)
     out = {}
-    for suffix, text in (("md", to_markdown(table, oods, label)), ("csv", to_csv(table, oods)),
+    for suffix, text in (("md", to_markdown(table, oods, label, provenance(results_dir))), ("csv", to_csv(table, oods)),
                          ("tex", to_latex(table, oods, label))):
         path = results_dir / f"table.{suffix}"
         path.write_text(text)
@@ -295,9 +383,12 @@ def compare(results_a, results_b, *, partial: bool = False) -> list[dict]:
 
 
 def format_compare(rows: list[dict], label_a: str, label_b: str) -> str:
-    head = (f"{'method':<13} {'params':<40} {'FPR95 A':>8} {'FPR95 B':>8} {'B-A':>7} {'AUROC A':>8} {'AUROC B':>8} {'B-A':>7}")
-    lines = [f"A = {label_a}", f"B = {label_b}", "mean over ood splits, percent", head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['method']:<13} {r['params'][:40]:<40} {100 * r['fpr95_a']:8.2f} {100 * r['fpr95_b']:8.2f} "
-                     f"{100 * r['fpr95_diff']:+7.2f} {100 * r['auroc_a']:8.2f} {100 * r['auroc_b']:8.2f} {100 * r['auroc_diff']:+7.2f}")
-    return "\n".join(lines)
+    """A and B side by side per configuration, percent; parameters in full as in the CSVs."""
+    from featcache.tables import render, wrap_params
+
+    body = [[r["method"], f"{100 * r['fpr95_a']:.2f}", f"{100 * r['fpr95_b']:.2f}", f"{100 * r['fpr95_diff']:+.2f}",
+             f"{100 * r['auroc_a']:.2f}", f"{100 * r['auroc_b']:.2f}", f"{100 * r['auroc_diff']:+.2f}",
+             wrap_params(r["params"])] for r in rows]
+    table = render(["method", "FPR95 A", "FPR95 B", "B-A", "AUROC A", "AUROC B", "B-A", "params"], body,
+                   right=set(range(1, 7)))
+    return "\n".join([f"A = {label_a}", f"B = {label_b}", "mean over ood splits, percent", table])

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
 
 
 COLUMNS = ("method", "params", "ood", "fpr95", "auroc", "aupr_in", "aupr_out", "id_acc")
@@ -57,13 +57,19 @@ def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
     return path
 
 
+def made_by(path) -> str:
+    """The command that writes a results file: `featcache select` for selection*.csv, else sweep."""
+    return "featcache select PIPELINE" if Path(path).name.startswith("selection") else "featcache sweep PIPELINE"
+
+
 def read_csv(path) -> list[dict]:
-    """Rows of a results CSV with the metric columns as floats."""
+    """Rows of a results CSV with the metric columns as floats. A missing file: NextStep naming the
+    command that writes it (`made_by`)."""
     try:
         with open(path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except FileNotFoundError:
-        raise FeatcacheError(f"{path}: no such results file") from None
+        raise NextStep(f"{path}: no such results file", made_by(path)) from None
     for row in rows:
         for key in METRICS + ("id_acc",):
             try:
@@ -74,7 +80,9 @@ def read_csv(path) -> list[dict]:
 
 
 def write_meta(results_csv: Path, **meta) -> Path:
-    """`<results>.meta.json`: the fingerprint of the cache every row of the results came from."""
+    """`<results>.meta.json`: where every row of the results came from. Callers give the cache's
+    `fingerprint` (and `cache_provenance` of it), the `pipeline` name where there is one, and their
+    own details; the featcache version and the UTC date are added here."""
     from datetime import datetime, timezone
 
     import featcache
@@ -91,6 +99,56 @@ def write_meta(results_csv: Path, **meta) -> Path:
 def meta_path(results_csv) -> Path:
     results_csv = Path(results_csv)
     return results_csv.with_name(results_csv.stem + ".meta.json")
+
+
+def cache_provenance(cache) -> dict:
+    """What a results meta file records of the cache beside its fingerprint: the backbone and the
+    checkpoint's sha256, from the cache's root attributes (None where the cache has none)."""
+    return {"fingerprint": cache.fingerprint, "backbone": cache.attrs.get("backbone"),
+            "checkpoint_sha256": cache.attrs.get("checkpoint_sha256")}
+
+
+def read_meta(results_csv) -> dict | None:
+    """The meta file beside `results_csv`, or None when there is none (results of an older featcache)."""
+    path = meta_path(results_csv)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise FeatcacheError(f"{path}: not a readable results meta file") from None
+    if not isinstance(meta, dict):
+        raise FeatcacheError(f"{path}: not a readable results meta file")
+    return meta
+
+
+SHORT = 12  # hex digits of a fingerprint or checksum shown to a person; the meta file keeps them whole
+
+
+def provenance_fields(meta: dict) -> list[tuple[str, str]]:
+    """(label, value) pairs of a meta file: pipeline, cache fingerprint and checkpoint sha256 (both
+    short), backbone, featcache version, date. A field the meta file lacks (written by an older
+    featcache, or by the Python API without a pipeline) is "not recorded", never guessed."""
+    def value(key, short=False):
+        v = meta.get(key)
+        if v in (None, ""):
+            return "not recorded"
+        return str(v)[:SHORT] if short else str(v)
+
+    return [("pipeline", value("pipeline")), ("cache fingerprint", value("fingerprint", True)),
+            ("backbone", value("backbone")), ("checkpoint sha256", value("checkpoint_sha256", True)),
+            ("featcache", value("featcache_version")), ("date (UTC)", value("written_utc"))]
+
+
+def provenance_line(results_csv) -> str:
+    """One line of where the results in `results_csv` came from, from its meta file; says so when
+    there is no meta file rather than inventing values."""
+    results_csv = Path(results_csv)
+    meta = read_meta(results_csv)
+    if meta is None:
+        return (f"{results_csv.name}: provenance unknown: no {meta_path(results_csv).name} beside it "
+                "(results written by an older featcache)")
+    return f"{results_csv.name}: " + "; ".join(f"{k} {v}" for k, v in provenance_fields(meta))
 
 
 def _header(path: Path) -> list[str] | None:

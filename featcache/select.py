@@ -28,7 +28,7 @@ from featcache.methods.nap import combine_scores, nap_input, shared_nap_score, s
 from featcache.metrics import ood_metrics
 from featcache.grid import expand_grid
 from featcache.replay import Replay, evaluate, refuse_flat_prepool
-from featcache.results import METRICS, with_group_rows
+from featcache.results import MEAN, METRICS, with_group_rows
 
 W_TOL = 1 / 64
 CRITERIA = ("auroc", "fpr95")
@@ -166,54 +166,50 @@ def missing_pseudo_ood(id_val: str, pipeline_path=None) -> str:
 SELECTION_COLUMNS = ("method", "choice", "params", "ood") + METRICS + ("id_acc", "selection_auroc")
 
 
-HIDDEN = {"eps": None, "seed": None, "bank": None, "form": "paper", "percentile_of": "id_train"}  # None: always
+CHOICE_TITLES = {"selected": "selected on pseudo-OOD", "paper_default": "paper default",
+                 "oracle": "ORACLE: best on test OOD"}
 
 
 def format_selection(rows: list[dict], benchmark: str | None = None) -> str:
-    """Three columns side by side: selected on pseudo-OOD, paper default on `benchmark`, oracle (test OOD)."""
-    mean = {(r["method"], r["choice"]): r for r in rows if r["ood"] == "mean"}
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = 34
-    head = f"{'method':<13}" + "".join(f" {title:<{cell}}" for title in
-                                     ("selected on pseudo-OOD", "paper default", "ORACLE: best on test OOD"))
-    lines = [head, f"{'':<13}" + f" {'params  FPR95 / AUROC':<{cell}}" * 3, "-" * len(head)]
-    for m in methods:
-        parts = []
-        for choice in CHOICES:
+    """Per method, a line per choice: selected on pseudo-OOD, paper default on `benchmark`, oracle
+    (test OOD), with mean FPR95 / AUROC (percent) and the parameters exactly as selection.csv has
+    them (featcache.tables: wrapped when long, never cut)."""
+    from featcache.tables import render, wrap_params
+
+    mean = {(r["method"], r["choice"]): r for r in rows if r["ood"] == MEAN}
+    body = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        for n, choice in enumerate(CHOICES):
             r = mean.get((m, choice))
             if r is None:
-                parts.append(f" {'none for ' + benchmark if benchmark else 'no benchmark declared'}")
+                missing = f"none for {benchmark}" if benchmark else "no benchmark declared"
+                body.append([m if n == 0 else "", CHOICE_TITLES[choice], "", "", missing])
                 continue
-            params = ",".join(f"{k}={_short(v)}" for k, v in json.loads(r["params"]).items()
-                              if k not in HIDDEN or (HIDDEN[k] is not None and v != HIDDEN[k]))
-            parts.append(f" {params[:19]:<19} {100 * r['fpr95']:5.1f} / {100 * r['auroc']:5.1f} ")
-        lines.append(f"{m:<13}" + "".join(f"{p:<{cell + 1}}" for p in parts))
-    return "\n".join(lines)
-
-
-def _short(v):
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
+            body.append([m if n == 0 else "", CHOICE_TITLES[choice], f"{100 * r['fpr95']:.2f}",
+                         f"{100 * r['auroc']:.2f}", wrap_params(r["params"])])
+    return render(["method", "configuration", "FPR95", "AUROC", "params"], body, right={2, 3})
 
 
 def select_to_csv(grid: dict, cache_path, out_path, *, criterion: str = "auroc", paper_defaults: dict | None = None,
                   benchmark: str | None = None, groups: dict[str, str] | None = None, groups_where: str = "groups",
-                  progress: bool = True, overwrite: bool = False, pipeline_path=None,
+                  progress: bool = True, overwrite: bool = False, pipeline_path=None, pipeline: str | None = None,
                   storage_options: dict | None = None) -> list[dict]:
     """run_select on the cache at `cache_path`, its rows written to `out_path` (a selection results
-    file or new, unless `overwrite`) with the cache's fingerprint in the meta file beside it."""
+    file or new, unless `overwrite`) with their provenance (`pipeline`, the name recorded, and the
+    cache's fingerprint, backbone and checkpoint) in the meta file beside it."""
     from featcache.cache.reader import open_cache
     from featcache.replay import check_fingerprint, load_replay, ood_groups
-    from featcache.results import guard_output, write_csv, write_meta
+    from featcache.results import cache_provenance, guard_output, write_csv, write_meta
 
     out_path = guard_output(out_path, "selection", overwrite, SELECTION_COLUMNS)
     with open_cache(cache_path, storage_options=storage_options) as cache:
         replay = load_replay(cache, with_selection=True)
+        provenance = cache_provenance(cache)
         rows = run_select(grid, replay, criterion=criterion, paper_defaults=paper_defaults, benchmark=benchmark,
                           progress=progress, groups=ood_groups(cache, groups, groups_where),
                           pipeline_path=pipeline_path)
     check_fingerprint(cache_path, replay.fingerprint, storage_options)  # every number above came from one cache
     write_csv(rows, out_path, SELECTION_COLUMNS)
-    write_meta(out_path, command="selection", fingerprint=replay.fingerprint, cache=str(cache_path),
+    write_meta(out_path, command="selection", pipeline=pipeline, **provenance, cache=str(cache_path),
                criterion=criterion, benchmark=benchmark)
     return rows

@@ -14,13 +14,13 @@ from featcache.cluster import dask_client
 from featcache.grid import batches_by_method, expand_grid, params_key
 from featcache.progress import ProgressStore
 from featcache.replay import load_replay, ood_groups, refuse_flat_prepool, sweep_batch
-from featcache.results import guard_output, with_group_rows, write_csv, write_meta
+from featcache.results import cache_provenance, guard_output, with_group_rows, write_csv, write_meta
 
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
               storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
-              groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False
-              ) -> list[dict]:
+              groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False,
+              pipeline: str | None = None) -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Besides a row per ood split and their mean, each configuration gets a row per group of ood
@@ -35,7 +35,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
 
     Every batch checks that the cache still has the fingerprint the sweep started with, so a cache
     replaced meanwhile stops the sweep instead of mixing into its results. `out_path` must be a
-    sweep results file or new, unless `overwrite`.
+    sweep results file or new, unless `overwrite`. The meta file beside it records `pipeline` (the
+    pipeline's name, where there is one) and the cache's provenance.
     """
     from contextlib import nullcontext
 
@@ -50,6 +51,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
         replay = load_replay(cache)
         refuse_flat_prepool(replay, [m.name for m, _ in configs])
         fingerprint = cache.fingerprint
+        provenance = cache_provenance(cache)
         groups = ood_groups(cache, groups, groups_where)
         ood_names = [ood.name for ood in replay.oods]
         id_name = replay.id_test.name
@@ -77,7 +79,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     store.scores.remove_if_empty()
     rows = with_group_rows([row for m, p in configs for row in store.done[(m.name, params_key(p))]], groups)
     write_csv(rows, out_path)
-    write_meta(out_path, command="sweep", fingerprint=fingerprint, cache=str(cache_path),
+    write_meta(out_path, command="sweep", pipeline=pipeline, **provenance, cache=str(cache_path),
                configurations=len(configs), nap_nonpositive=nonpositive_counts(store, configs))
     return rows
 

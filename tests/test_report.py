@@ -53,7 +53,7 @@ def test_html_is_self_contained_and_its_numbers_equal_the_csv(reported):
     assert len(tables) == 2  # results per ood split, then selection
 
     def parse(table):
-        header = re.findall(r"<th>(.*?)</th>", table)
+        header = re.findall(r"<th[^>]*>(.*?)</th>", table)
         rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", table)[1:]]
         return header, rows
 

@@ -18,7 +18,7 @@ import numpy as np
 from featcache.cache.integrity import Checksum, check_ids, checksum_attr, content_fingerprint, name_problem
 from featcache.cache.schema import HEAD_ARRAYS, ROLES, SCHEMA, SCHEMA_PREFIX, SCHEMA_V1, SPLIT_ARRAYS
 from featcache.cache.store import Store, open_store
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
 
 
 class ChecksumMismatch(FeatcacheError):
@@ -210,8 +210,8 @@ class Cache:
     def fingerprint(self) -> str:
         """The content fingerprint, checked against the checksums when the cache was opened."""
         if self.layout.incomplete:
-            raise FeatcacheError(f"{self.path}: split {self.layout.incomplete[0]!r} is incomplete, so the cache "
-                                 "has no fingerprint yet; run `featcache extract` again to resume it")
+            raise NextStep(f"{self.path}: split {self.layout.incomplete[0]!r} is incomplete, so the cache "
+                           "has no fingerprint yet", "featcache extract PIPELINE", "again to resume it")
         return self.attrs["fingerprint"]
 
     def read_verified(self, node: str, checksum: str, where: str, rows: slice = slice(None)) -> np.ndarray:
@@ -275,10 +275,8 @@ class Cache:
             )
         split = Split(name, self)
         if not allow_incomplete and not split.complete:
-            raise FeatcacheError(
-                f"{self.path}: split {name!r} is incomplete (extraction did not finish); "
-                "run `featcache extract` again to resume it"
-            )
+            raise NextStep(f"{self.path}: split {name!r} is incomplete (extraction did not finish)",
+                           "featcache extract PIPELINE", "again to resume it")
         return split
 
     def splits(self, role: str | None = None, *, allow_incomplete: bool = False) -> list[Split]:

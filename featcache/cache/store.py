@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, missing_cache
 
 
 def _plain(value):
@@ -93,6 +93,8 @@ class H5Store(Store):
             # Readers lock "best effort": a cache shared on a read-only or lock-less file system still opens.
             self._file = h5py.File(self.path, mode, locking="best-effort" if mode == "r" else True)
         except FileNotFoundError:
+            if mode in ("r", "r+"):  # reading a cache that is not there: name the command that makes it
+                raise missing_cache(self.path) from None
             raise FeatcacheError(f"{self.path}: no such cache file") from None
         except PermissionError:
             raise FeatcacheError(f"{self.path}: permission denied") from None
@@ -242,6 +244,8 @@ class ZarrStore(Store):
         except FileNotFoundError:
             if os.path.isdir(self.path):
                 raise FeatcacheError(f"{self.path}: a directory but not a Zarr store (no zarr.json)") from None
+            if mode in ("r", "r+"):
+                raise missing_cache(self.path, "Zarr store") from None
             raise FeatcacheError(f"{self.path}: no such Zarr store") from None
         except PermissionError:
             raise FeatcacheError(f"{self.path}: permission denied") from None

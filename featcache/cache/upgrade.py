@@ -15,7 +15,7 @@ from featcache.cache.integrity import array_checksum, content_fingerprint
 from featcache.cache.reader import check_schema, inspect_layout, stream_checksum
 from featcache.cache.schema import HEAD_ARRAYS, SCHEMA, SCHEMA_V1, SPLIT_ARRAYS
 from featcache.cache.store import open_store
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, NextStep
 
 NEW_IN_V2 = ("precision", "device", "preprocessing", "prepool_size")
 
@@ -31,8 +31,8 @@ def upgrade(path) -> str:
             check_schema(schema, path)  # names what it is instead
         layout = inspect_layout(store, path, version1=True)
         if layout.incomplete:
-            raise FeatcacheError(f"{path}: split {layout.incomplete[0]!r} is incomplete; only a finished cache "
-                                 "can be upgraded (run `featcache extract` again to finish it)")
+            raise NextStep(f"{path}: split {layout.incomplete[0]!r} is incomplete; only a finished cache "
+                           "can be upgraded", "featcache extract PIPELINE", "again to finish it")
         for name, checksums in layout.checksums.items():
             for key in SPLIT_ARRAYS:
                 where = f"{path}: split {name!r} dataset {key!r}"

@@ -35,8 +35,9 @@ def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, pr
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier ending in a linear layer. It is put in eval mode for the extraction (its
-        training flag is restored afterwards) and moved to `device`.
+        A classifier ending in a linear layer. It is put in eval mode for the extraction and moved
+        to `device`; afterwards every submodule's training flag is restored and, when all its
+        parameters were on one device, the model is moved back there.
     splits : mapping of str to (data, role) or dict
         Split name -> `(data, role)`, or `{"data": ..., "role": ..., "group": ...}` where `group`
         labels an ood split (near/far) and a pseudo_ood split may give `corruption`, `severity`
@@ -85,20 +86,34 @@ def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, pr
         raise FeatcacheError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(splits, Mapping) or not splits:
         raise FeatcacheError("splits must be a non-empty mapping of split name to (data, role)")
+    from featcache.extract.runner import input_channels
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise FeatcacheError(f"batch_size must be a positive integer, got {batch_size!r}")
     sources = [_api_source(name, value, TorchSplit, SplitSource) for name, value in splits.items()]
     check_roles(sources, "splits")
+    expected = input_channels(model)
+    for source in sources:  # every split's images checked before any is written
+        image = source.load().first()
+        if expected is not None and image.shape[1] != expected:
+            raise FeatcacheError(f"{source.where}: its images have {image.shape[1]} channels, the model's first "
+                                 f"convolution takes {expected}; convert them in the data set's transform")
     kind = type(model)
     label = backbone or f"{kind.__module__}.{kind.__qualname__}"
-    training = model.training
+    training = {name: module.training for name, module in model.named_modules()}
+    devices = {p.device for p in model.parameters()}
     model.eval()
     writer = CacheWriter(Path(out), overwrite=overwrite)
     try:
         return write_cache(model, sources, writer, backbone=label, checkpoint_sha256=state_dict_sha256(model),
-                           feature_layer=feature_layer, prepool_layer=prepool_layer, batch_size=int(batch_size),
+                           feature_layer=feature_layer, prepool_layer=prepool_layer, batch_size=batch_size,
                            device=str(device), amp=amp, progress=progress)
     finally:
         writer.close()
-        model.train(training)
+        for name, module in model.named_modules():
+            module.training = training[name]
+        if len(devices) == 1:
+            model.to(devices.pop())
 
 
 def _api_source(name, value, TorchSplit, SplitSource):
@@ -121,8 +136,10 @@ def _api_source(name, value, TorchSplit, SplitSource):
         raise FeatcacheError(f"splits[{name!r}]: role must be one of {', '.join(ROLES)}, got {role!r}")
     attrs = {}
     if role == "pseudo_ood":
-        attrs = {"corruption": str(extra.get("corruption", "")), "severity": int(extra.get("severity", 0)),
-                 "of": str(extra.get("of", ""))}
+        severity = extra.get("severity", 0)
+        if isinstance(severity, bool) or not isinstance(severity, int) or not 0 <= severity <= 5:
+            raise FeatcacheError(f"splits[{name!r}]: severity must be an integer 1 to 5 (0: not recorded), got {severity!r}")
+        attrs = {"corruption": str(extra.get("corruption", "")), "severity": severity, "of": str(extra.get("of", ""))}
     if extra.get("group"):
         if role != "ood":
             raise FeatcacheError(f"splits[{name!r}]: only ood splits take a group, this one is {role}")
@@ -198,10 +215,15 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
     from featcache.sweep import run_sweep
 
     grid = _grid(grid)
+    if backend not in ("loky", "dask"):
+        raise FeatcacheError(f"backend must be 'loky' or 'dask', got {backend!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise FeatcacheError(f"jobs must be a positive integer, got {jobs!r}")
+    groups = _groups(groups)
     with tempfile.TemporaryDirectory(prefix="featcache-sweep-") if out is None else _Keep(out) as folder:
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
-                         backend=backend, scheduler=scheduler, groups=dict(groups or {}), overwrite=overwrite,
+                         backend=backend, scheduler=scheduler, groups=groups, overwrite=overwrite,
                          pipeline=name)
     return results_frame(rows, COLUMNS)
 
@@ -255,7 +277,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
     with tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else _Keep(out) as folder:
         target = Path(folder) / "selection.csv" if out is None else Path(out)
         rows = select_to_csv(grid, cache, target, criterion=criterion, benchmark=benchmark,
-                             paper_defaults=dict(paper_defaults or {}), groups=dict(groups or {}), progress=progress,
+                             paper_defaults=dict(paper_defaults or {}), groups=_groups(groups), progress=progress,
                              overwrite=overwrite, storage_options=storage_options, pipeline=name)
     return results_frame(rows, SELECTION_COLUMNS)
 
@@ -305,7 +327,7 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
         refuse_flat_prepool(replay, [chosen.name])
         group_of = {s.name: str(s.attrs["group"]) for s in opened.splits() if s.attrs.get("group")}
         names = {s.name for s in opened.splits("ood")}
-        for name, label in (groups or {}).items():
+        for name, label in _groups(groups).items():
             if name not in names:
                 raise FeatcacheError(f"groups: {name!r} is not an ood split of {opened.path}")
             group_of[name] = str(label)
@@ -377,6 +399,14 @@ class _Keep:
 
     def __exit__(self, *exc):
         return False
+
+
+def _groups(groups) -> dict:
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping) or not all(isinstance(v, str) and v for v in groups.values()):
+        raise FeatcacheError(f"groups must map ood split names to non-empty labels, got {groups!r}")
+    return {str(k): v for k, v in groups.items()}
 
 
 def _grid(grid) -> dict:

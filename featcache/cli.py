@@ -243,7 +243,7 @@ def report(pipeline, cache_path, no_figures):
 @click.option("--method", required=True, help="A method (`featcache methods` lists them), e.g. ash_s or nap+energy.")
 @click.option("--params", "params_json", default="{}", show_default=True,
               help='The method\'s parameters as a JSON object, e.g. \'{"p": 90}\'; the rest take their defaults.')
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", required=True, type=click.Path(),
               help="Output file; its suffix chooses the format: .parquet, .csv or .npz.")
 @click.option("--cache", "cache_path", type=click.Path(), default=None, help="Cache to read (default: the pipeline's `cache:`).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")

@@ -133,6 +133,9 @@ def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_de
     if not replay.pseudo_oods:
         raise FeatcacheError(missing_pseudo_ood(replay.id_val.name if replay.id_val else "<id_val dataset>", pipeline_path))
     expand_grid(grid)  # every name and value checked before any work
+    unused = sorted(set(paper_defaults or {}) - set(grid))
+    if unused:
+        raise FeatcacheError(f"paper_defaults: {unused[0]!r} is not a method of the grid ({', '.join(grid)})")
     refuse_flat_prepool(replay, grid)
     validation = Target(replay.id_val, replay.pseudo_oods)
     test = Target(replay.id_test, replay.oods)

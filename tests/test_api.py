@@ -68,7 +68,6 @@ def api_cache(tmp_path_factory):
 
 def test_extract_writes_what_the_model_computes(api_cache):
     model, splits = api_cache["model"], api_cache["splits"]
-    assert not model.training or True  # the flag is restored below
     with featcache.open_cache(api_cache["cache"]) as cache:
         assert cache.attrs["backbone"].endswith("TinyNet")
         np.testing.assert_array_equal(cache.head_weight, model.fc.weight.detach().numpy())
@@ -97,15 +96,17 @@ def test_extract_restores_training_flag_and_accepts_loaders_and_plain_tensors(tm
         def __getitem__(self, i):
             return images[i]
 
-    splits = {"a": (DataLoader(TensorDataset(images, torch.zeros(30, dtype=torch.long)), batch_size=7), "id_train"),
-              "b": (Plain(), "id_val"), "c": {"data": Plain(), "role": "id_test"},
+    labelled = TensorDataset(images, torch.arange(30) % 4)
+    splits = {"a": (DataLoader(labelled, batch_size=7), "id_train"),
+              "b": (labelled, "id_val"), "c": {"data": labelled, "role": "id_test"},
               "d": {"data": Plain(), "role": "ood", "group": "far"}}
     out = featcache.extract(model, splits, tmp_path / "x.zarr", progress=False)
     assert model.training
     with featcache.open_cache(out) as cache:
         assert cache.split("d").attrs["group"] == "far"
-        np.testing.assert_array_equal(cache.split("b").read("labels"), np.full(30, -1))
-        np.testing.assert_allclose(cache.split("c").read("logits"), by_hand(model.eval(), images)[3], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cache.split("b").read("labels"), np.arange(30) % 4)
+        np.testing.assert_array_equal(cache.split("d").read("labels"), np.full(30, -1))
+        np.testing.assert_allclose(cache.split("d").read("logits"), by_hand(model.eval(), images)[3], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -312,7 +313,7 @@ def test_channels_the_backbone_cannot_take_are_one_line(tmp_path, capsys):
         main(["extract", str(pipeline), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and "\n" not in err and "Traceback" not in err
-    assert "grey_pngs" in err and "3 channels" in err and "takes 1" in err
+    assert "grey_pngs" in err and "transform.channels is 3" in err and "takes 1" in err
     bad = pipeline_with_folder(tmp_path / "b", transform={"channels": 2})
     with pytest.raises(SystemExit):
         main(["extract", str(bad), "--quiet"])
@@ -366,3 +367,80 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     assert "ash_s" in result.stdout and "react" in result.stdout and "other" in result.stdout
     with featcache.open_cache(tmp_path / "cache" / "api_example.h5") as cache:
         assert sorted(s.name for s in cache.splits()) == ["other", "test", "train", "val"]
+
+
+# --- what a hostile review found: resume into changed data, labels, dtypes, model state --------------
+
+
+def interrupted(model, splits, out, name="tr", at=30, batch_size=8):
+    """Extract until row `at` of split `name` raises KeyboardInterrupt; returns the Flaky data set."""
+    data, role = splits[name]
+    flaky = Flaky(data.tensors[0], fail_at=at)
+    flaky.labels = data.tensors[1]
+    flaky.__class__ = LabelledFlaky
+    with pytest.raises(KeyboardInterrupt):
+        featcache.extract(model, {**splits, name: (flaky, role)}, out, batch_size=batch_size, progress=False)
+    return flaky
+
+
+class LabelledFlaky(Flaky):
+    def __getitem__(self, i):
+        image, _ = super().__getitem__(i)
+        return image, self.labels[i]
+
+
+@pytest.mark.parametrize("change", ["image", "labels", "activation"])
+def test_resume_refuses_rows_computed_from_other_data_or_code(tmp_path, change, capsys):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4))
+    splits = make_splits(seed=5, n=(40, 16, 16, 16, 16))
+    out = tmp_path / "c.h5"
+    flaky = interrupted(model, splits, out)
+    images, labels = flaky.images.clone(), flaky.labels.clone()
+    if change == "image":
+        images[5] += 3
+    elif change == "labels":
+        labels = (labels + 1) % 4
+    else:
+        model[1] = nn.GELU()  # same weights, same class, other forward code
+    featcache.extract(model, {**splits, "tr": (TensorDataset(images, labels), "id_train")}, out, batch_size=8,
+                      progress=False)
+    with featcache.open_cache(out) as cache:
+        split = cache.split("tr")
+        with torch.no_grad():
+            expected = model(images).numpy()
+        np.testing.assert_allclose(split.read("logits"), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(split.read("labels"), labels.numpy())
+
+
+def test_labels_must_be_classes_of_the_head_and_images_floats(tmp_path):
+    splits = make_splits()
+    images, labels = splits["tr"][0].tensors
+    with pytest.raises(FeatcacheError, match=r"sample 0 has label 7, not a class of the head \(0..3\)"):
+        featcache.extract(TinyNet(), {**splits, "tr": (TensorDataset(images, labels * 0 + 7), "id_train")},
+                          tmp_path / "a.h5", progress=False)
+    with pytest.raises(FeatcacheError, match="label -1"):  # an id split without labels
+        featcache.extract(TinyNet(), {**splits, "te": (TensorDataset(images), "id_test")}, tmp_path / "b.h5",
+                          progress=False)
+    with pytest.raises(FeatcacheError, match="uint8 tensor; the network takes floating-point images"):
+        featcache.extract(TinyNet(), {**splits, "o1": (TensorDataset((images * 50).to(torch.uint8)), "ood")},
+                          tmp_path / "c.h5", progress=False)
+
+
+def test_every_submodule_keeps_its_mode_and_the_first_convolution_run_decides_channels(tmp_path):
+    class Declared(nn.Module):  # a 1x1 mixing conv declared before the stem that runs first
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Conv2d(8, 8, 1)
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.mix(self.stem(x))).mean(dim=(2, 3)))
+
+    model = Declared().train()
+    model.bn.eval()  # frozen BatchNorm while fine-tuning
+    featcache.extract(model, make_splits(), tmp_path / "d.h5", progress=False)
+    assert model.training and model.mix.training and not model.bn.training

@@ -170,7 +170,8 @@ def state_dict_sha256(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        # raw bytes, so that dtypes numpy lacks (bfloat16) hash too; float32 gives numpy's bytes
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

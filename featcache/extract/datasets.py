@@ -202,8 +202,9 @@ def image_channels(entry: dict, channels: int | None, where: str) -> int | None:
         for key in ("mean", "std"):
             length = len(norm.get(key) or [0])
             if length not in (1, value):
+                what = "1 value" if value == 1 else f"1 or {value} values"
                 raise FeatcacheError(f"{where}: transform.normalize.{key} has {length} values for {value}-channel "
-                                     f"images; give 1 or {value} (or set transform.channels)")
+                                     f"images; give {what} (or set transform.channels)")
     return value
 
 

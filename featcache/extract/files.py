@@ -141,6 +141,10 @@ class FileImages:
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i]).convert(self.mode)
         with Image.open(self.items[i]) as img:
+            if img.mode.startswith("I;16") or img.mode == "I":
+                # 16- and 32-bit grey: PIL's convert clips to 255; scaled to 8 bits instead
+                top = 65535.0 if img.mode.startswith("I;16") else float(max(np.asarray(img).max(), 1))
+                img = Image.fromarray(np.round(np.asarray(img, np.float64) / top * 255).clip(0, 255).astype(np.uint8))
             return img.convert(self.mode)
 
     def subset(self, lo: int, hi: int) -> "FileImages":
@@ -158,6 +162,10 @@ def collate(items):
 
     readable = torch.tensor([ok for _, ok in items])
     shape = next((img.shape for img, ok in items if ok), (1,))
+    sizes = sorted({tuple(img.shape) for img, ok in items if ok})
+    if len(sizes) > 1:
+        raise FeatcacheError(f"images of different sizes in one batch ({' and '.join(map(str, sizes[:2]))}); give the "
+                             "data set a transform with resize and crop")
     images = torch.stack([img if ok else torch.zeros(shape) for img, ok in items])
     return images, readable
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -156,13 +157,25 @@ def batches(data, start: int, stop: int, step: int, workers: int = 0, pin_memory
     loader = DataLoader(Subset(data, range(start, stop)), batch_size=step, shuffle=False, num_workers=workers,
                         pin_memory=pin_memory, collate_fn=collate)
     a = start
-    for images, readable in loader:
+    for images, readable in _first_line_errors(loader, getattr(data, "where", "")):
         if not bool(readable.all()):
             bad = a + int(np.flatnonzero(~readable.numpy())[0])
             raise FeatcacheError(f"{data.describe(bad)}: cannot be read as an image (sample {data.ids[bad]!r}); "
                                  "remove it from the data set or fix it, then run again to resume")
         yield a, a + len(images), images, data.labels[a : a + len(images)]
         a += len(images)
+
+
+def _first_line_errors(loader, where: str):
+    """The loader's batches; a FeatcacheError raised in a worker process comes back with the worker's
+    traceback in its message, and is given its own line again."""
+    try:
+        yield from loader
+    except FeatcacheError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = next((line.split("FeatcacheError: ", 1)[1] for line in reversed(lines) if "FeatcacheError: " in line),
+                       lines[0] if lines else "")
+        raise FeatcacheError(f"{where}: {message}" if where else message) from None
 
 
 def first_image(data) -> torch.Tensor:
@@ -198,9 +211,18 @@ def probe(extractor: "FeatureExtractor", data, where: str) -> dict:
 
 
 def input_channels(model: nn.Module) -> int | None:
-    """The channel count the model's first convolution takes, or None without one."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+    """The channel count of the first convolution the forward pass runs (not the first declared),
+    or None without one."""
+    from featcache.extract.layers import trace
+
+    modules = dict(model.named_modules())
+    try:
+        graph, _ = trace(model)
+        order = [modules.get(n.target) for n in graph.nodes if n.op == "call_module"]
+    except FeatcacheError:  # not traceable: find_layers will say so; declaration order meanwhile
+        order = list(model.modules())
+    for module in order:
+        if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
     return None
 
@@ -258,6 +280,11 @@ def pipeline_sources(pipeline: Pipeline, manifest: dict, channels: int | None) -
     for name in pipeline.splits:
         entry = manifest_entry(manifest, name, pipeline.manifest_path)
         resolved = resolved_entry(name, manifest, pipeline.manifest_path, channels=channels)
+        chosen = resolved["transform"].get("channels")
+        if channels is not None and chosen != channels:  # refused before any split is written
+            raise FeatcacheError(f"{pipeline.manifest_path}: dataset {name!r}: transform.channels is {chosen}, the "
+                                 f"backbone's first layer takes {channels}; set transform.channels to {channels} "
+                                 "or remove it")
         attrs = {}
         if entry["role"] == "pseudo_ood":
             attrs |= {"corruption": entry["source"].get("corruption", ""),
@@ -323,6 +350,12 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
     from tqdm import tqdm
 
     layers = find_layers(model, feature_layer, prepool_layer)
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FeatcacheError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if batch_size < 1:
+        raise FeatcacheError(f"batch size must be a positive integer, got {batch_size!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FeatcacheError(f"--device {device}: no CUDA device is available here")
     extractor = FeatureExtractor(model, layers, device=device, amp=amp)
@@ -343,7 +376,9 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
         "featcache_version", "torch_version", "backbone", "checkpoint_sha256", "feature_layer", "prepool_layer",
         "precision", "device")}
     resume_key |= {"batch_size": batch_size, "shard": root_attrs.get("shard"),
-                   "splits": {s.name: {"role": s.role, **s.resume} for s in sources}}
+                   "splits": {s.name: {"role": s.role, **s.resume} for s in sources},
+                   # the forward code up to the head: same weights under other code give other numbers
+                   "graph_sha256": hashlib.sha256(extractor.net.code.encode()).hexdigest()}
     room = Room(writer, sources, extractor, batch_size)
     try:
         room.check(room.head_bytes)
@@ -370,7 +405,7 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
                 extra |= {"shard_index": shard[0], "shard_count": shard[1], "row_offset": lo, "total_n": total}
             t1 = time.perf_counter()
             split = _open_split(writer, source, data, first, extractor, layers, extra, batch_size)
-            if not _same_ids(writer, split, data):
+            if not _same_ids(writer, split, data) or not _same_rows(writer, split, data, extractor, source):
                 # the partial's rows of this split came from other samples (files added, removed or
                 # renamed since): they are extracted again
                 writer.store.delete(split.group)
@@ -381,14 +416,12 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
             bar = tqdm(total=len(data), initial=split.rows_written, desc=f"extract {name}", unit="img",
                        disable=not progress, leave=False)
             step = int(split.write_rows or batch_size)  # a resumed split keeps its chunk layout
-            labelled = source.role in LABELLED_ROLES
             for start, stop, images, labels in batches(data, split.rows_written, len(data), step, workers,
                                                        pin_memory=extractor.device.type == "cuda"):
                 batch = extractor(images)
                 check_logits(batch["features"], batch["logits"], extractor.weight, extractor.bias,
                              f"split {name!r} rows {start}-{stop}")
-                batch["labels"] = (np.asarray(labels, np.int64) if labelled
-                                   else np.full(stop - start, -1, np.int64))
+                batch["labels"] = split_labels(labels, source, start, extractor.weight.shape[0])
                 batch["ids"] = data.ids[start:stop]
                 # chunks are whole multiples of an append, so an append begins at most one new chunk
                 # of every array: allocated whole (HDF5), or written anew before the old one goes (Zarr)
@@ -407,6 +440,49 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
         if not is_disk_full(exc):
             raise
         raise room.full(exc) from None
+
+
+def split_labels(labels, source: SplitSource, start: int, classes: int) -> np.ndarray:
+    """The labels stored for a batch: the classes of an id split (each one of the head's 0..K-1,
+    or ID accuracy would silently be wrong), -1 for every other role."""
+    labels = np.asarray(labels, np.int64)
+    if source.role not in LABELLED_ROLES:
+        return np.full(len(labels), -1, np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(bad):
+        raise FeatcacheError(f"{source.where}: sample {start + int(bad[0])} has label {int(labels[bad[0]])}, not a class "
+                             f"of the head (0..{classes - 1}); an {source.role} split needs every sample's class")
+    return labels
+
+
+SPOT_ROWS = 8  # rows per spot-checked run when resuming
+SPOT_RUNS = 4
+
+
+def _same_rows(writer: CacheWriter, split, data, extractor: FeatureExtractor, source: SplitSource) -> bool:
+    """Whether rows the partial already holds are what this run computes: a few short runs spread over
+    them are extracted again and compared (labels exactly, arrays to float tolerance, since batch
+    composition may change the last bits). In-memory data has no file names to tell a changed sample
+    by; this catches a changed model, transform, collate function or labels in most cases."""
+    done = split.n if split.complete else split.rows_written
+    if not done:
+        return True
+    starts = sorted({int(a) for a in np.linspace(0, max(done - SPOT_ROWS, 0), SPOT_RUNS)})
+    tolerance = 1e-4 if extractor.amp is None else 5e-2
+    for a in starts:
+        b = min(a + SPOT_ROWS, done)
+        for start, stop, images, labels in batches(data, a, b, SPOT_ROWS):
+            fresh = extractor(images)
+            fresh["labels"] = split_labels(labels, source, start, extractor.weight.shape[0])
+            for key in ("features", "chan_max", "logits", "labels"):
+                stored = writer.store.read(f"{split.group}/{key}", slice(start, stop))
+                scale = float(np.max(np.abs(stored))) if stored.size else 0.0
+                if stored.shape != fresh[key].shape or not np.allclose(fresh[key], stored, rtol=tolerance,
+                                                                      atol=tolerance * max(scale, 1e-6)):
+                    print(f"{writer.partial}: split {split.name!r} rows {start}-{stop} hold other {key} than this "
+                          "run computes (the data, labels or model changed); extracting this split again")
+                    return False
+    return True
 
 
 def device_description(device: torch.device) -> str:

@@ -30,7 +30,16 @@ class TorchSplit:
             if not isinstance(data.sampler, SequentialSampler):
                 raise FeatcacheError(f"{self.where}: its DataLoader must keep the data set's order (shuffle=False, "
                                      f"no sampler), got {type(data.sampler).__name__}")
-            self.loader_options = {"num_workers": data.num_workers, "collate_fn": data.collate_fn}
+            if data.batch_size is None:
+                raise FeatcacheError(f"{self.where}: its DataLoader has batch_size=None (no batching); give it a "
+                                     "batch size, or pass the data set itself")
+            self.loader_options = {"num_workers": data.num_workers, "collate_fn": data.collate_fn,
+                                   "worker_init_fn": data.worker_init_fn, "generator": data.generator,
+                                   "timeout": data.timeout, "pin_memory": data.pin_memory}
+            if data.num_workers > 0:
+                self.loader_options |= {"persistent_workers": data.persistent_workers,
+                                        "multiprocessing_context": data.multiprocessing_context,
+                                        "prefetch_factor": data.prefetch_factor}
             data = data.dataset
         if isinstance(data, IterableDataset) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
             raise FeatcacheError(f"{self.where}: expected a map-style torch Dataset (with __len__ and __getitem__) "
@@ -56,6 +65,10 @@ class TorchSplit:
                                  f"tensor{hint}")
         if image.ndim != 3:
             raise FeatcacheError(f"{self.where}: sample {index} has shape {tuple(image.shape)}; expected (C, H, W)")
+        if not image.is_floating_point():
+            raise FeatcacheError(f"{self.where}: sample {index} is a {str(image.dtype).removeprefix('torch.')} tensor; "
+                                 "the network takes floating-point images (e.g. transforms.ToTensor(), or v2.ToImage() "
+                                 "with v2.ToDtype(torch.float32, scale=True))")
         return image
 
     def first(self) -> torch.Tensor:
@@ -72,7 +85,10 @@ class TorchSplit:
         for index in sorted({0, self.n - 1}):
             digest.update(self._sample_image(index).detach().cpu().float().contiguous().numpy().tobytes())
         kind = type(self.dataset)
-        return {"python": f"{kind.__module__}.{kind.__qualname__}", "n": self.n, "images_sha256": digest.hexdigest()}
+        collate = self.loader_options.get("collate_fn")
+        return {"python": f"{kind.__module__}.{kind.__qualname__}", "n": self.n, "images_sha256": digest.hexdigest(),
+                "collate": None if collate is None else f"{getattr(collate, '__module__', '')}."
+                                                        f"{getattr(collate, '__qualname__', type(collate).__name__)}"}
 
     def describe(self) -> dict:
         """The split's entry in the root attribute `preprocessing`."""
@@ -85,8 +101,8 @@ class TorchSplit:
         """(start, stop, images, labels) for rows start..stop, `step` rows at a time."""
         from torch.utils.data import DataLoader, Subset
 
-        loader = DataLoader(Subset(self.dataset, range(start, stop)), batch_size=step, shuffle=False,
-                            pin_memory=pin_memory, **self.loader_options)
+        options = {"pin_memory": pin_memory, **self.loader_options}
+        loader = DataLoader(Subset(self.dataset, range(start, stop)), batch_size=step, shuffle=False, **options)
         a = start
         try:
             for batch in loader:
@@ -96,12 +112,18 @@ class TorchSplit:
         except FeatcacheError:
             raise
         except Exception as exc:
-            raise FeatcacheError(f"{self.where}: reading rows from {a}: {type(exc).__name__}: {exc}") from exc
+            # a worker's error arrives with its whole traceback in the message: its last line says it
+            lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+            raise FeatcacheError(f"{self.where}: reading rows from {a}: {type(exc).__name__}: "
+                                 f"{lines[-1].strip() if lines else ''}") from exc
 
     def _unpack(self, batch, start: int):
         images, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
         if not isinstance(images, torch.Tensor) or images.ndim != 4:
             raise FeatcacheError(f"{self.where}: rows from {start} do not collate into an image batch (N, C, H, W)")
+        if not images.is_floating_point():
+            raise FeatcacheError(f"{self.where}: rows from {start} collate into {str(images.dtype).removeprefix('torch.')} "
+                                 "images; the network takes floating-point images")
         if labels is None:
             labels = np.full(len(images), -1, np.int64)
         else:

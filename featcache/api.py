@@ -90,6 +90,7 @@ def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, pr
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FeatcacheError(f"batch_size must be a positive integer, got {batch_size!r}")
+    training = {name: module.training for name, module in model.named_modules()}
     sources = [_api_source(name, value, TorchSplit, SplitSource) for name, value in splits.items()]
     check_roles(sources, "splits")
     expected = input_channels(model)
@@ -100,7 +101,6 @@ def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, pr
                                  f"convolution takes {expected}; convert them in the data set's transform")
     kind = type(model)
     label = backbone or f"{kind.__module__}.{kind.__qualname__}"
-    training = {name: module.training for name, module in model.named_modules()}
     devices = {p.device for p in model.parameters()}
     model.eval()
     writer = CacheWriter(Path(out), overwrite=overwrite)

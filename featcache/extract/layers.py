@@ -36,7 +36,7 @@ class Layers:
 def trace(model: nn.Module):
     from torchvision.models import feature_extraction as fx_tv
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each submodule's, not just the top's
     model.eval()
     tracer = fx_tv.NodePathTracer(**fx_tv._set_default_tracer_kwargs(None))
     try:
@@ -44,7 +44,8 @@ def trace(model: nn.Module):
     except Exception as exc:
         raise FeatcacheError(f"{type(model).__name__}: cannot be traced by torch.fx ({str(exc).splitlines()[0]})") from None
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     return graph, tracer.node_to_qualname
 
 

@@ -19,8 +19,8 @@ from featcache.results import guard_output, with_group_rows, write_csv, write_me
 
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
               storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
-              groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False
-              ) -> list[dict]:
+              groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False,
+              plugins: list[str] | None = None, plugins_base=None, plugins_where: str | None = None) -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Besides a row per ood split and their mean, each configuration gets a row per group of ood
@@ -36,14 +36,23 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     Every batch checks that the cache still has the fingerprint the sweep started with, so a cache
     replaced meanwhile stops the sweep instead of mixing into its results. `out_path` must be a
     sweep results file or new, unless `overwrite`.
+
+    `plugins`: modules and .py files (relative ones from `plugins_base`, named `plugins_where` in
+    errors) whose import registers methods of the grid; every worker imports them too, as it does
+    the entry points of installed packages (see `featcache.plugins`).
     """
     from contextlib import nullcontext
 
     from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
+    from featcache.plugins import load_plugins, worker_specs
+
     out_path = Path(out_path)
+    plugins = load_plugins(plugins, plugins_base, plugins_where)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
+    if jobs > 1 or backend == "dask":  # a worker imports what registers the grid's methods, then looks them up
+        plugins = worker_specs(plugins, [m for m, _ in configs])
     guard_output(out_path, "sweep", overwrite)
     with open_cache(cache_path, storage_options=storage_options) as cache:
         # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
@@ -59,7 +68,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
     batches = batches_by_method(todo)
     client = dask_client(scheduler, jobs) if backend == "dask" else None
-    each = dict(fingerprint=fingerprint, scratch=store.scores)
+    each = dict(fingerprint=fingerprint, scratch=store.scores, plugins=plugins)
     try:
         with parallel_config(backend="dask") if client else nullcontext():
             if jobs == 1 and client is None:

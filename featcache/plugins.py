@@ -8,8 +8,12 @@ grids, as `nap+<method>`, in `featcache methods`, and in every process that scor
 Worker processes (joblib/loky, dask) do not share the parent's registry, so each batch is sent the
 resolved specs (module names and absolute file paths) and imports them itself before it looks a
 method up; functions are never pickled across. Importing a plugin twice in one process is harmless:
-a module name is imported once by Python, and a file is always loaded under the same module name,
-derived from its absolute path.
+a module name is imported once by Python, and a file is loaded once under a module name derived
+from its absolute path (and its modification time, so that an edited file, in a notebook session,
+is loaded anew and replaces its own methods rather than clashing with them).
+
+loky keeps its workers between sweeps, so a worker may hold the plugins of an earlier sweep: each
+batch first sets aside the methods of plugins the current sweep does not name.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from featcache.methods import registry
 ENTRY_POINT_GROUP = "featcache.methods"
 
 _entry_points_loaded = False
+# plugin spec -> (module name, {method name: Method}) of what its import registered in this process
+_LOADED: dict[str, tuple[str, dict]] = {}
 
 
 def is_file_spec(spec: str) -> bool:
@@ -56,10 +62,11 @@ def resolve_spec(spec: str, base_dir=None, where: str = "plugins") -> str:
 
 
 def module_name_for(path: str) -> str:
-    """One module name per file, so that a file loaded twice is the same module, and two files
-    named alike (two `plugin.py`) are two."""
-    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:12]
-    return f"featcache_plugin_{Path(path).stem}_{digest}"
+    """One module name per file and revision, so that a file loaded twice is the same module, two
+    files named alike (two `plugin.py`) are two, and an edited file is loaded again."""
+    stat = Path(path).stat()
+    key = f"{Path(path).resolve()}\0{stat.st_mtime_ns}\0{stat.st_size}"
+    return f"featcache_plugin_{Path(path).stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins") -> None:
@@ -75,14 +82,13 @@ def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins"
         if not path.is_file():
             raise FeatcacheError(f"{shown}: file {path} not found")
         name, folder, origin = module_name_for(spec), str(path.parent), f"plugin: {label}"
-        if name in sys.modules:
-            return
     else:
-        if spec in sys.modules:
-            return
         # like backbone.factory: a package in the current directory imports without being installed
         name, folder, origin = spec, str(Path.cwd()), f"plugin: {spec}"
-    before = set(registry.REGISTRY)
+    if name in sys.modules:
+        restore(spec, name, shown)
+        return
+    before = dict(registry.REGISTRY)
     sys.path.insert(0, folder)  # a plugin file can import the files beside it
     try:
         with registry.registering(origin, spec):
@@ -97,6 +103,7 @@ def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins"
                     raise
             else:
                 importlib.import_module(spec)
+        _LOADED[spec] = (name, {k: m for k, m in registry.REGISTRY.items() if before.get(k) is not m})
     except FeatcacheError as exc:
         undo(before)
         raise FeatcacheError(f"{shown}: {exc}") from None
@@ -112,9 +119,26 @@ def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins"
         sys.path.remove(folder)
 
 
-def undo(before: set) -> None:
-    for name in set(registry.REGISTRY) - before:
+def undo(before) -> None:
+    """Put the registry back as it was before a failed import."""
+    for name in set(registry.REGISTRY) - set(before):
         del registry.REGISTRY[name]
+    if isinstance(before, dict):
+        registry.REGISTRY.update(before)
+
+
+def restore(spec: str, module: str, shown: str) -> None:
+    """A plugin imported before: its methods back in the registry if they were set aside."""
+    name, methods = _LOADED.get(spec, (None, {}))
+    if name != module:
+        return  # imported by other means than this function: it registered what it registers
+    for method_name, method in methods.items():
+        current = registry.REGISTRY.get(method_name)
+        if current is not None and current is not method and current.plugin != spec:
+            first = "featcache (built-in)" if current.origin == "featcache" else current.origin
+            raise FeatcacheError(f"{shown}: method {method_name!r} is registered twice: by {first} and by "
+                                 f"{method.origin}; rename one of them")
+        registry.REGISTRY[method_name] = method
 
 
 def one_line(exc: BaseException) -> str:
@@ -122,19 +146,19 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def load_entry_points(refresh: bool = False) -> list[str]:
+def load_entry_points(refresh: bool = False) -> None:
     """Import the plugins of installed packages (entry-point group `featcache.methods`), once per process.
 
     Each entry point's value is a module, or an object in one (`pkg.mod:obj`), whose import registers
-    methods. Returns the entry points' values. `refresh`: look again (after installing a package).
+    methods. `refresh`: look again (after installing a package).
     """
     global _entry_points_loaded
+    if _entry_points_loaded and not refresh:
+        return  # get_method calls this every time: scanning the installed packages costs milliseconds
+    _entry_points_loaded = True
     from importlib.metadata import entry_points
 
     found = list(entry_points(group=ENTRY_POINT_GROUP))
-    if _entry_points_loaded and not refresh:
-        return [ep.value for ep in found]
-    _entry_points_loaded = True
     seen = set()
     for ep in found:
         if ep.value in seen:  # one package seen twice on sys.path
@@ -142,17 +166,18 @@ def load_entry_points(refresh: bool = False) -> list[str]:
         seen.add(ep.value)
         dist = getattr(getattr(ep, "dist", None), "name", None)
         where = f"entry point {ep.name!r} of {dist or 'an installed package'} (group {ENTRY_POINT_GROUP})"
-        before = set(registry.REGISTRY)
+        before = dict(registry.REGISTRY)
         try:
             with registry.registering(f"entry point: {ep.value}", None):
                 ep.load()
         except FeatcacheError as exc:
             undo(before)
+            _entry_points_loaded = False  # tried again next time, not skipped in silence
             raise FeatcacheError(f"{where}: {exc}") from None
         except Exception as exc:
             undo(before)
+            _entry_points_loaded = False
             raise FeatcacheError(f"{where}: importing {ep.value} failed: {one_line(exc)}") from None
-    return [ep.value for ep in found]
 
 
 def load_plugins(specs=None, base_dir=None, where: str | None = None) -> list[str]:
@@ -202,8 +227,10 @@ def load_plugins(specs=None, base_dir=None, where: str | None = None) -> list[st
 
 def worker_specs(resolved: list[str], methods) -> list[str]:
     """What a worker must import to find `methods`: the given plugins, and the module of any method
-    registered outside them (a user's module imported by their script). A method registered in
-    `__main__` (a notebook, a script run directly) cannot be re-created in another process."""
+    registered outside them (a user's module imported by their script: a single-file module is sent
+    by path, a package's module by name, so it must be installed or on PYTHONPATH for the workers).
+    A method registered in `__main__` (a notebook, a script run directly) cannot be re-created in
+    another process."""
     specs = list(resolved)
     for method in methods:
         spec = method.plugin
@@ -211,13 +238,26 @@ def worker_specs(resolved: list[str], methods) -> list[str]:
             raise FeatcacheError(f"method {method.name!r} was registered in __main__ (a notebook or the script "
                                  "itself), which worker processes cannot import; put it in a module or .py file and "
                                  "pass it with plugins=[...], or run with jobs=1")
+        module = sys.modules.get(spec) if spec else None
+        path = getattr(module, "__file__", None) or ""
+        if "." not in str(spec) and path.endswith(".py") and Path(path).name != "__init__.py":
+            # a module file of the user's, importable here thanks to the script's sys.path, which a
+            # worker started earlier (loky reuses them) or elsewhere (dask) does not have: sent by path
+            spec = str(Path(path).resolve())
         if spec and spec not in specs:
             specs.append(spec)
     return specs
 
 
 def import_in_worker(specs: list[str] | None) -> None:
-    """Called by each batch before it looks methods up: entry points and the sweep's plugins."""
+    """Called by each batch in a worker process before it looks methods up: entry points and the
+    sweep's plugins, and none of the plugins an earlier sweep left in this (reused) worker."""
     load_entry_points()
+    wanted = set(specs or [])
+    for spec, (_, methods) in _LOADED.items():
+        if spec not in wanted:
+            for name, method in methods.items():
+                if registry.REGISTRY.get(name) is method:
+                    del registry.REGISTRY[name]
     for spec in specs or []:
         import_plugin(spec, where="plugins")

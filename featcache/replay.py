@@ -189,14 +189,16 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     the cache it opens, or the one at the path once its scores are computed, has another.
     `scratch` (a `progress.ScoreScratch`): scores of each (configuration, split) are saved there as
     soon as they are computed, and those already saved are not computed again.
-    `plugins`: resolved plugin specs (`featcache.plugins.load_plugins`), imported before any method
-    is looked up, since a worker process starts with the built-ins only.
+    `plugins`: in a worker process, which starts with the built-ins only, the resolved plugin specs
+    (`featcache.plugins.worker_specs`) that register the batch's methods, imported before any is
+    looked up; None in the process that loaded them.
     """
     import time
 
     from featcache.plugins import import_in_worker
 
-    import_in_worker(plugins)
+    if plugins is not None:
+        import_in_worker(plugins)
     started, read_clock = time.perf_counter(), [0.0]
     with open_cache(cache_path, storage_options=storage_options) as cache:
         if fingerprint is not None:

@@ -51,8 +51,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     out_path = Path(out_path)
     plugins = load_plugins(plugins, plugins_base, plugins_where)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
-    if jobs > 1 or backend == "dask":  # a worker imports what registers the grid's methods, then looks them up
-        plugins = worker_specs(plugins, [m for m, _ in configs])
+    # a worker imports what registers the grid's methods, then looks them up (None: this process has them)
+    in_workers = worker_specs(plugins, [m for m, _ in configs]) if jobs > 1 or backend == "dask" else None
     guard_output(out_path, "sweep", overwrite)
     with open_cache(cache_path, storage_options=storage_options) as cache:
         # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
@@ -68,7 +68,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
     batches = batches_by_method(todo)
     client = dask_client(scheduler, jobs) if backend == "dask" else None
-    each = dict(fingerprint=fingerprint, scratch=store.scores, plugins=plugins)
+    each = dict(fingerprint=fingerprint, scratch=store.scores, plugins=in_workers)
     try:
         with parallel_config(backend="dask") if client else nullcontext():
             if jobs == 1 and client is None:

@@ -27,12 +27,14 @@ GRID = {"featnorm": {"p": [1, 2, 3]}, "energy": {}}
 def clean_registry():
     """Each test starts from the built-ins and leaves them so: plugins loaded in this process are
     forgotten afterwards (the registry, and the modules that registered into it)."""
+    from featcache import plugins
     from featcache.methods import REGISTRY
 
     saved, modules = dict(REGISTRY), set(sys.modules)
     yield
     REGISTRY.clear()
     REGISTRY.update(saved)
+    plugins._LOADED.clear()
     for name in set(sys.modules) - modules:
         if name.startswith(("featcache_plugin_", "userfeat", "fakefeat")):
             del sys.modules[name]
@@ -243,6 +245,29 @@ def test_loading_a_plugin_twice_is_harmless(tmp_path):
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     load_plugins(["featnorm.py"], base_dir=tmp_path)
     assert get_method("featnorm").version == "2"
+
+
+def test_a_reused_worker_holds_only_the_current_sweeps_plugins(tmp_path):
+    """loky keeps its workers between sweeps: a worker that imported plugin a for one sweep imports
+    plugin b, registering the same name, for the next without a clash, and a again after that."""
+    from featcache.methods import REGISTRY, get_method
+    from featcache.plugins import import_in_worker
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.py").write_text(
+            f"import featcache\n@featcache.register('mine', version='{name}')\ndef mine(data, head, fit):\n"
+            "    pass\n")
+    a, b = str(tmp_path / "a.py"), str(tmp_path / "b.py")
+    import_in_worker([a])
+    assert get_method("mine").version == "a"
+    import_in_worker([b])
+    assert get_method("mine").version == "b"
+    import_in_worker([a])
+    assert get_method("mine").version == "a"
+    import_in_worker([])
+    assert "mine" not in REGISTRY
+    with pytest.raises(FeatcacheError, match="method 'mine' is registered twice"):
+        import_in_worker([a, b])  # one sweep naming both is a clash, as in the parent
 
 
 def test_register_like_a_builtin(tmp_path):

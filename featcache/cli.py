@@ -307,13 +307,17 @@ def methods_command(benchmark, pipeline):
         cells = []
         for b in benchmarks:
             value = method.paper_default(b)
-            shown = "none in the seeds" if value is None else (", ".join(f"{k}={v}" for k, v in value.items()) or "-")
+            none = "none in the seeds" if method.origin == "featcache" else "none given"  # a plugin's own papers
+            shown = none if value is None else (", ".join(f"{k}={v}" for k, v in value.items()) or "-")
             cells.append(f"{b}: {shown}")
         return "; ".join(cells)
 
     names = sorted(REGISTRY) + [f"nap+{n}" for n in sorted(REGISTRY) if n != "nap"]
     for name in names:
-        method = get_method(name)
+        try:
+            method = get_method(name)
+        except FeatcacheError:
+            continue  # a plugin whose parameters take NAP's names (w, eps, form) has no nap+ form
         if name.startswith("nap+") and all(method.paper_default(b) is None for b in benchmarks):
             continue  # nap+<method> is listed where the papers give it a setting; every other works too
         params = ", ".join(f"{k}={v}" for k, v in method.defaults.items() if v is not None)

@@ -301,6 +301,24 @@ def test_register_like_a_builtin(tmp_path):
         featcache.register("nap+x")
 
 
+def test_a_plugin_parameter_named_like_nap_s_has_no_nap_form(capsys):
+    import featcache
+    from featcache.methods import Output, get_method
+
+    @featcache.register("weighted", defaults={"w": 2.0})  # w > 1: a plugin's parameters are its own
+    def weighted(data, head, fit, w):
+        return Output(w * data.logits.max(axis=1), data.logits.argmax(axis=1))
+
+    assert get_method("weighted").resolve({"w": 5.0}) == {"w": 5.0}
+    with pytest.raises(FeatcacheError, match="nap\\+weighted: weighted: parameter names clash with NAP's"):
+        get_method("nap+weighted")
+    main(["methods"])  # still lists every method
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("weighted "))
+    assert lines[at].split() == ["weighted", "w=2.0"] and "cifar10: none given" in lines[at + 1]
+    assert lines[at + 2].strip().startswith("from module: ") and not any(line.startswith("nap+weighted") for line in lines)
+
+
 def test_a_method_registered_in_main_cannot_go_to_workers(random_digits, tmp_path):
     import featcache
     from featcache.methods import Output
@@ -316,14 +334,16 @@ def test_a_method_registered_in_main_cannot_go_to_workers(random_digits, tmp_pat
         run_sweep({"interactive": {}}, random_digits["h5"], tmp_path / "two" / "sweep.csv", jobs=2, progress=False)
 
 
-def test_a_users_module_goes_to_workers_without_plugins(random_digits, tmp_path, monkeypatch):
+def test_a_users_module_goes_to_workers_without_plugins(random_digits, tmp_path):
     """Registered by a module the user's script imported: workers import that module by name."""
     from featcache.sweep import run_sweep
 
     (tmp_path / "userfeat_mod.py").write_text(PLUGIN.read_text())
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    __import__("userfeat_mod")
+    sys.path.insert(0, str(tmp_path))  # as the user's script sees it; workers started earlier do not
+    try:
+        __import__("userfeat_mod")
+    finally:
+        sys.path.remove(str(tmp_path))
     run_sweep({"featnorm": {"p": [2]}}, random_digits["h5"], tmp_path / "sweep.csv", jobs=2, progress=False)
     check_featnorm_rows(read_rows(tmp_path / "sweep.csv"), random_digits["h5"], [2])
 

@@ -165,7 +165,8 @@ def results_frame(rows: list[dict], columns) -> "pandas.DataFrame":  # noqa: F82
 
 def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky", scheduler: str | None = None,
           groups: Mapping | None = None, overwrite: bool = False, progress: bool = True,
-          storage_options: dict | None = None, name: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+          storage_options: dict | None = None, name: str | None = None, plugins=None
+          ) -> "pandas.DataFrame":  # noqa: F821
     """Replay every configuration of `grid` on the cache and compute its metrics per ood split.
 
     The rows of `featcache sweep`'s sweep.csv: per configuration one row per ood split, per group
@@ -197,6 +198,10 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
         fsspec options for a Zarr cache at a URL.
     name : str, optional
         What the meta file beside `out` records as the pipeline's name (report provenance).
+    plugins : list of str, optional
+        Modules (`package.module`) or `.py` files whose import registers methods of the grid with
+        `featcache.register`; worker processes import them too (see featcache.plugins). Installed
+        packages' `featcache.methods` entry points are always loaded.
 
     Returns
     -------
@@ -224,14 +229,14 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
                          backend=backend, scheduler=scheduler, groups=groups, overwrite=overwrite,
-                         pipeline=name)
+                         pipeline=name, plugins=list(plugins or []))
     return results_frame(rows, COLUMNS)
 
 
 def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | None = None,
            paper_defaults: Mapping | None = None, groups: Mapping | None = None, out=None,
            overwrite: bool = False, progress: bool = True, storage_options: dict | None = None,
-           name: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+           name: str | None = None, plugins=None) -> "pandas.DataFrame":  # noqa: F821
     """Choose each method's hyperparameters on id_val against the pseudo_ood splits, then evaluate.
 
     The rows of `featcache select`'s selection.csv: for each method of `grid` the configuration
@@ -255,7 +260,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
         Ood split -> group label.
     out : str or path, optional
         Also write the rows to this CSV (with its meta file).
-    overwrite, progress, storage_options, name
+    overwrite, progress, storage_options, name, plugins
         As for `sweep`.
 
     Returns
@@ -271,8 +276,10 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
     """
     import tempfile
 
+    from featcache.plugins import load_plugins
     from featcache.select import SELECTION_COLUMNS, select_to_csv
 
+    load_plugins(list(plugins or []))
     grid = _grid(grid)
     with tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else _Keep(out) as folder:
         target = Path(folder) / "selection.csv" if out is None else Path(out)
@@ -283,7 +290,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
 
 
 def scores(cache, method: str, *, groups: Mapping | None = None, storage_options: dict | None = None,
-           **params) -> "pandas.DataFrame":  # noqa: F821
+           plugins=None, **params) -> "pandas.DataFrame":  # noqa: F821
     """Per-sample scores and predictions of one configuration on every split of the cache.
 
     Parameters
@@ -296,6 +303,8 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
         Ood split -> group label, over the splits' own `group` attributes.
     storage_options : dict, optional
         fsspec options for a Zarr cache at a URL.
+    plugins : list of str, optional
+        Modules or `.py` files registering the method, as for `sweep`.
     **params
         The method's parameters; the rest take their defaults.
 
@@ -317,8 +326,10 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
     from featcache.cache.reader import open_cache
     from featcache.grid import params_key
     from featcache.methods.registry import get_method
+    from featcache.plugins import load_plugins
     from featcache.replay import check_fingerprint, load_replay, refuse_flat_prepool, split_data
 
+    load_plugins(list(plugins or []))
     chosen = get_method(str(method))
     resolved = chosen.resolve(params)
     parts = []

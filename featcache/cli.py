@@ -178,7 +178,8 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
     with next_step(pipeline, cache_path):
         rows = run_sweep(spec.sweep, cache_path or spec.cache, out, jobs=jobs, progress=not quiet, backend=backend,
                          scheduler=scheduler, groups=spec.groups, groups_where=f"{spec.path}: groups",
-                         overwrite=overwrite, pipeline=spec.name)
+                         overwrite=overwrite, pipeline=spec.name, plugins=spec.plugins,
+                         plugins_base=spec.path.resolve().parent, plugins_where=spec.path)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
     click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
@@ -205,6 +206,7 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
     from featcache.select import format_selection, select_to_csv
 
     spec = load_pipeline(pipeline)
+    spec.load_plugins()  # before any work: the grid may name their methods
     options = dict(spec.raw.get("select") or {})
     out = out or spec.results_dir / "selection.csv"
     with next_step(pipeline, cache_path):
@@ -230,6 +232,7 @@ def report(pipeline, cache_path, no_figures):
     from featcache.report import write_figures, write_html, write_tables
 
     spec = load_pipeline(pipeline)
+    spec.load_plugins()  # the score figures recompute the results' methods, plugins' too
     with next_step(pipeline, cache_path):
         paths = write_tables(spec.results_dir)
         click.echo(paths["md"].read_text())
@@ -258,6 +261,7 @@ def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
     from featcache.config import load_pipeline
 
     spec = load_pipeline(pipeline)
+    spec.load_plugins()  # the method may be a plugin's
     try:
         params = json.loads(params_json)
     except ValueError as exc:
@@ -332,10 +336,23 @@ def compare_command(results_a, results_b, partial, out, overwrite):
 @cli.command(name="methods")
 @click.option("--benchmark", type=click.Choice(["cifar10", "cifar100", "imagenet"]), default=None,
               help="Show the papers' settings on this benchmark only (default: all three).")
-def methods_command(benchmark):
-    """List every method with its parameters and defaults, and the papers' settings per benchmark."""
+@click.option("--pipeline", type=click.Path(dir_okay=False), default=None,
+              help="Also list the methods of this pipeline's `plugins:`.")
+def methods_command(benchmark, pipeline):
+    """List every method with its parameters and defaults, and the papers' settings per benchmark.
+
+    Methods of plugins (installed packages' entry points, and with --pipeline the pipeline's
+    `plugins:`) are listed with where they come from.
+    """
+    from featcache.config import load_pipeline
     from featcache.methods import REGISTRY, get_method
     from featcache.methods.registry import BENCHMARKS
+    from featcache.plugins import load_plugins
+
+    if pipeline:
+        load_pipeline(pipeline).load_plugins()
+    else:
+        load_plugins([])  # the entry points of installed packages
 
     benchmarks = [benchmark] if benchmark else list(BENCHMARKS)
 
@@ -343,13 +360,17 @@ def methods_command(benchmark):
         cells = []
         for b in benchmarks:
             value = method.paper_default(b)
-            shown = "none in the seeds" if value is None else (", ".join(f"{k}={v}" for k, v in value.items()) or "-")
+            none = "none in the seeds" if method.origin == "featcache" else "none given"  # a plugin's own papers
+            shown = none if value is None else (", ".join(f"{k}={v}" for k, v in value.items()) or "-")
             cells.append(f"{b}: {shown}")
         return "; ".join(cells)
 
     names = sorted(REGISTRY) + [f"nap+{n}" for n in sorted(REGISTRY) if n != "nap"]
     for name in names:
-        method = get_method(name)
+        try:
+            method = get_method(name)
+        except FeatcacheError:
+            continue  # a plugin whose parameters take NAP's names (w, eps, form) has no nap+ form
         if name.startswith("nap+") and all(method.paper_default(b) is None for b in benchmarks):
             continue  # nap+<method> is listed where the papers give it a setting; every other works too
         params = ", ".join(f"{k}={v}" for k, v in method.defaults.items() if v is not None)
@@ -357,6 +378,8 @@ def methods_command(benchmark):
         offset = f"  [nap+ takes S_X = score + {method.nap_offset:g}]" if method.nap_offset else ""
         click.echo(f"{name:<13} {params}{'  (' + choice + ')' if choice else ''}{offset}")
         click.echo(f"{'':<13}   paper: {paper(method)}")
+        if method.origin != "featcache":
+            click.echo(f"{'':<13}   from {method.origin}")
     click.echo("nap+<method>  w=0.5, eps=1.0, form=paper (S_X^w S_NAP^(1-w)) or exp, and the method's own parameters")
 
 

@@ -200,6 +200,30 @@ class Pipeline:
         return value
 
     @property
+    def plugins(self) -> list[str]:
+        """`plugins: [package.module, path/to/file.py]`: modules whose import registers methods with
+        `featcache.register`. Files are taken relative to this pipeline file's folder."""
+        from featcache.plugins import check_spec
+
+        declared = self.raw.get("plugins")
+        if declared is None:
+            return []
+        where = f"{self.path}: plugins"
+        if not isinstance(declared, list):
+            raise FeatcacheError(f"{where}: must be a list of module names (package.module) or .py files, "
+                                 f"got {declared!r}")
+        for spec in declared:
+            check_spec(spec, where)
+        return list(declared)
+
+    def load_plugins(self) -> list[str]:
+        """Import this pipeline's plugins (and installed packages' entry points); returns the
+        resolved specs that worker processes import (see `featcache.plugins.load_plugins`)."""
+        from featcache.plugins import load_plugins
+
+        return load_plugins(self.plugins, base_dir=self.path.resolve().parent, where=self.path)
+
+    @property
     def results_dir(self) -> Path:
         return Path(self.raw.get("results", "results")) / self.name
 

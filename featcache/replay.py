@@ -174,7 +174,8 @@ def check_fingerprint(cache_path, expected: str, storage_options: dict | None = 
 
 
 def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: dict | None = None, *,
-                fingerprint: str | None = None, scratch=None) -> tuple[list[dict], dict, list[dict]]:
+                fingerprint: str | None = None, scratch=None, plugins: list[str] | None = None
+                ) -> tuple[list[dict], dict, list[dict]]:
     """Metric rows of `configs` (method name, parameters), computed one split at a time.
 
     Each split's arrays and its memo of shared work are held only while every configuration of
@@ -188,9 +189,16 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     the cache it opens, or the one at the path once its scores are computed, has another.
     `scratch` (a `progress.ScoreScratch`): scores of each (configuration, split) are saved there as
     soon as they are computed, and those already saved are not computed again.
+    `plugins`: in a worker process, which starts with the built-ins only, the resolved plugin specs
+    (`featcache.plugins.worker_specs`) that register the batch's methods, imported before any is
+    looked up; None in the process that loaded them.
     """
     import time
 
+    from featcache.plugins import import_in_worker
+
+    if plugins is not None:
+        import_in_worker(plugins)
     started, read_clock = time.perf_counter(), [0.0]
     with open_cache(cache_path, storage_options=storage_options) as cache:
         if fingerprint is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -119,14 +120,21 @@ def paper_config(method: Method, overrides: dict, benchmark: str | None) -> dict
 
 def run_select(grid: dict, replay: Replay, *, criterion: str = "auroc", paper_defaults: dict | None = None,
                benchmark: str | None = None, progress: bool = True, groups: dict[str, str] | None = None,
-               pipeline_path=None) -> list[dict]:
+               pipeline_path=None, plugins: list[str] | None = None) -> list[dict]:
     """Rows of selection.csv: for each method and choice, metrics per ood split, per group of ood
     splits (`groups`, {split: label}: rows `group:<label>`) and their mean.
 
     A method without a paper setting on `benchmark` (and no override in `paper_defaults`) has no
-    paper_default rows.
+    paper_default rows. `plugins`: modules and .py files whose import registers methods of the
+    grid (relative files from the pipeline's folder when `pipeline_path` is given), see
+    `featcache.plugins.load_plugins`.
     """
     from tqdm import tqdm
+
+    from featcache.plugins import load_plugins
+
+    base = Path(pipeline_path).resolve().parent if pipeline_path else None
+    load_plugins(plugins, base, pipeline_path)
 
     if criterion not in CRITERIA:
         raise FeatcacheError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")

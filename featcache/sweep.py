@@ -20,7 +20,8 @@ from featcache.results import cache_provenance, guard_output, with_group_rows, w
 def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool = True,
               storage_options: dict | None = None, backend: str = "loky", scheduler: str | None = None,
               groups: dict[str, str] | None = None, groups_where: str = "groups", overwrite: bool = False,
-              pipeline: str | None = None) -> list[dict]:
+              pipeline: str | None = None, plugins: list[str] | None = None, plugins_base=None,
+              plugins_where: str | None = None) -> list[dict]:
     """Evaluate every configuration of `grid` on the cache and write the results CSV.
 
     Besides a row per ood split and their mean, each configuration gets a row per group of ood
@@ -37,14 +38,23 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     replaced meanwhile stops the sweep instead of mixing into its results. `out_path` must be a
     sweep results file or new, unless `overwrite`. The meta file beside it records `pipeline` (the
     pipeline's name, where there is one) and the cache's provenance.
+
+    `plugins`: modules and .py files (relative ones from `plugins_base`, named `plugins_where` in
+    errors) whose import registers methods of the grid; every worker imports them too, as it does
+    the entry points of installed packages (see `featcache.plugins`).
     """
     from contextlib import nullcontext
 
     from joblib import Parallel, delayed, parallel_config
     from tqdm import tqdm
 
+    from featcache.plugins import load_plugins, worker_specs
+
     out_path = Path(out_path)
+    plugins = load_plugins(plugins, plugins_base, plugins_where)
     configs = expand_grid(grid)  # bad names and values fail before any data is read
+    # a worker imports what registers the grid's methods, then looks them up (None: this process has them)
+    in_workers = worker_specs(plugins, [m for m, _ in configs]) if jobs > 1 or backend == "dask" else None
     guard_output(out_path, "sweep", overwrite)
     with open_cache(cache_path, storage_options=storage_options) as cache:
         # refuses a cache that cannot be swept, or NAP on a 1x1 pre-pool map, before any work starts
@@ -61,7 +71,7 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
     batches = batches_by_method(todo)
     client = dask_client(scheduler, jobs) if backend == "dask" else None
-    each = dict(fingerprint=fingerprint, scratch=store.scores)
+    each = dict(fingerprint=fingerprint, scratch=store.scores, plugins=in_workers)
     try:
         with parallel_config(backend="dask") if client else nullcontext():
             if jobs == 1 and client is None:

@@ -13,7 +13,8 @@ names the table; a benchmark the seeds give no value for is absent, never borrow
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from featcache.errors import FeatcacheError
@@ -49,6 +50,10 @@ class Method:
     # Bumped whenever a change to the method's code changes its numbers, so that saved progress
     # computed by the old code is recomputed rather than reused.
     version: str = "1"
+    origin: str = "featcache"  # where it was registered: featcache, "plugin: <spec>", "entry point: <value>", ...
+    # What a worker process imports to register it again: a plugin spec (module name or absolute .py
+    # path), MAIN when it was registered in __main__ (which no worker can import), None for built-ins.
+    plugin: str | None = None
 
     def paper_default(self, benchmark: str) -> dict | None:
         """The papers' setting on `benchmark`, or None where the seeds give none."""
@@ -78,10 +83,14 @@ class Method:
                 if params.get(key) is not None:
                     raise FeatcacheError(f"{self.name}: {key} applies only with {parent}, which is not used here")
                 full[key] = None
+        # CHECKS say what the built-ins' parameters mean (p of ASH is a percentile): a plugin's own
+        # parameters are its business, only NAP's (w, eps, form of nap+<plugin>) are checked for it
+        checks = CHECKS if self.origin == "featcache" else {k: CHECKS[k] for k in ("w", "eps", "form")
+                                                            if self.name.startswith("nap+")}
         for key, value in full.items():
             if value is None and (any(key in g for g in self.one_of) or key in self.qualifies):
                 continue
-            ok, what = CHECKS.get(key, (lambda v: True, ""))
+            ok, what = checks.get(key, (lambda v: True, ""))
             if key in self.integer and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise FeatcacheError(f"{self.name}: {key} must be a positive integer, got {value!r}")
             if not ok(value):
@@ -89,30 +98,135 @@ class Method:
         return {k: v for k, v in full.items() if v is not None}
 
     def __call__(self, data: SplitData, head: Head, fit: Fit, **params) -> Output:
-        return self.fn(data, head, fit, **params)
+        if self.origin == "featcache":
+            return self.fn(data, head, fit, **params)
+        # a plugin's failure is reported on one line naming it, like any user error
+        where = f"method {self.name!r} ({self.origin}) on split {data.name!r}"
+        try:
+            out = self.fn(data, head, fit, **params)
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{where}: {exc}") from None
+        except Exception as exc:
+            text = str(exc).strip()
+            raise FeatcacheError(f"{where} failed: {type(exc).__name__}"
+                                 + (f": {text.splitlines()[0]}" if text else "")) from None
+        if not isinstance(out, Output):
+            raise FeatcacheError(f"{where} returned a {type(out).__name__}; a method returns "
+                                 "featcache.methods.Output(scores, predictions)")
+        n = len(data.labels)
+        for what, values in (("scores", out.scores), ("predictions", out.predictions)):
+            if getattr(values, "shape", None) != (n,):
+                raise FeatcacheError(f"{where}: {what} have shape {getattr(values, 'shape', None)}, expected ({n},), "
+                                     "one per sample")
+        return out
 
 
 REGISTRY: dict[str, Method] = {}
+
+MAIN = "__main__"
+_LOADING: list[tuple[str, str | None]] = []  # (origin, spec) of the plugins being imported, innermost last
+
+
+@contextmanager
+def registering(origin: str, spec: str | None):
+    """Methods registered inside the block come from plugin `spec`, shown as `origin`."""
+    _LOADING.append((origin, spec))
+    try:
+        yield
+    finally:
+        _LOADING.pop()
+
+
+def origin_of(fn) -> tuple[str, str | None]:
+    """(origin, spec) of a method registered by `fn`: the plugin being imported, else fn's module."""
+    if _LOADING:
+        return _LOADING[-1]
+    module = getattr(fn, "__module__", None) or MAIN
+    if module == "featcache" or module.startswith("featcache."):
+        return "featcache", None
+    if module == MAIN:
+        return MAIN, MAIN
+    return f"module: {module}", module
+
+
+def same_function(old: Method, fn, origin: str) -> bool:
+    """Whether `fn` is `old`'s function registered again (a module loaded once more, a notebook cell
+    run again) rather than another method taking its name."""
+    def where(f):
+        code = getattr(f, "__code__", None)
+        return getattr(code, "co_filename", None), getattr(f, "__qualname__", None)
+
+    if old.fn is fn or (old.origin == origin and getattr(old.fn, "__qualname__", 0) == getattr(fn, "__qualname__", 1)):
+        return True
+    return where(old.fn)[0] is not None and where(old.fn) == where(fn)
 
 
 def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0, one_of: tuple = (),
              paper: dict | None = None, integer: tuple = (), qualifies: dict | None = None,
              version: int | str = 1):
-    """Register `fn(data, head, fit, **params) -> Output` under `name`.
+    """Register `fn(data, head, fit, **params) -> Output` under `name`, as a decorator.
 
-    `paper` maps a benchmark of `BENCHMARKS` to the source papers' setting on it. `version` names
-    the revision of the method's code: raise it when a fix changes the scores, and sweeps recompute
-    what they had saved with the old code.
+    Built-in methods and plugins (`featcache.register`) use the same call.
+
+    Parameters
+    ----------
+    name : str
+        The method's name in grids, results and `featcache methods`; `nap+<name>` combines it with NAP.
+    defaults : dict, optional
+        Every parameter the method takes, with its default.
+    nap_offset : float, default 0
+        Added to the score before `nap+<name>` (paper form) combines it, which needs S_X > 0.
+    one_of : tuple of tuples, optional
+        Groups of parameters of which at most one may be given.
+    paper : dict, optional
+        Maps a benchmark of `BENCHMARKS` to the source paper's setting on it.
+    integer : tuple, optional
+        Parameters that must be positive integers.
+    qualifies : dict, optional
+        parameter -> the one it qualifies (meaningless when that one is not used).
+    version : int or str, default 1
+        The revision of the method's code: raise it when a fix changes the scores, and sweeps
+        recompute what they had saved with the old code.
+
+    Returns
+    -------
+    callable
+        A decorator that registers the function and returns it unchanged.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import featcache
+    >>> from featcache.methods import Output
+    >>> @featcache.register("featnorm_doc", defaults={"p": 2.0}, paper={"cifar10": {"p": 2.0}})
+    ... def featnorm(data, head, fit, p):
+    ...     return Output(-np.linalg.norm(data.features, ord=p, axis=1), data.logits.argmax(axis=1))
     """
+    # names become CSV cells and grid keys; nap+<name> is the NAP combination, built on request
+    if (not isinstance(name, str) or not name or any(c.isspace() or c in "/\\,\"'" for c in name)
+            or name.startswith("nap+")):
+        raise FeatcacheError(f"method name must be a non-empty word without spaces, commas, '/' or quotes, and "
+                             f"not start with 'nap+', got {name!r}")
+    if defaults is not None and not isinstance(defaults, dict):
+        raise FeatcacheError(f"method {name!r}: defaults must be a dict of parameter -> default, got {defaults!r}")
 
     def wrap(fn):
-        if name in REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
+        if not callable(fn):
+            raise FeatcacheError(f"method {name!r}: register decorates a function (data, head, fit, **params)")
+        if not getattr(fn, "__module__", "").startswith("featcache.methods"):
+            import featcache.methods  # noqa: F401  (built-ins first, so a plugin cannot take their names)
+        origin, spec = origin_of(fn)
+        old = REGISTRY.get(name)
+        if old is not None and not same_function(old, fn, origin):
+            first = "featcache (built-in)" if old.origin == "featcache" else old.origin
+            raise FeatcacheError(f"method {name!r} is registered twice: by {first} and by {origin}; "
+                                 "rename one of them")
         unknown = sorted(set(paper or {}) - set(BENCHMARKS))
         if unknown:
-            raise ValueError(f"method {name!r}: unknown benchmark {unknown[0]!r} in its paper settings")
-        REGISTRY[name] = Method(name, fn, dict(defaults or {}), nap_offset, one_of, dict(paper or {}), integer,
-                                dict(qualifies or {}), str(version))
+            raise FeatcacheError(f"method {name!r}: unknown benchmark {unknown[0]!r} in its paper settings "
+                                 f"(benchmarks: {', '.join(BENCHMARKS)})")
+        REGISTRY[name] = Method(name, fn, dict(defaults or {}), nap_offset, tuple(one_of), dict(paper or {}),
+                                tuple(integer), dict(qualifies or {}), str(version), origin, spec)
         return fn
 
     return wrap
@@ -121,7 +235,9 @@ def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0
 def get_method(name: str) -> Method:
     """The registered method `name`, or the NAP combination `nap+<method>`."""
     import featcache.methods  # noqa: F401  (registers every family)
+    from featcache.plugins import load_entry_points
 
+    load_entry_points()  # installed packages' plugins, once per process
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith("nap+"):
@@ -131,7 +247,11 @@ def get_method(name: str) -> Method:
         if base.startswith("nap"):
             raise FeatcacheError(f"{name}: NAP cannot be combined with itself")
         if base in REGISTRY:
-            return combine(REGISTRY[base])
+            try:
+                combined = combine(REGISTRY[base])
+            except ValueError as exc:
+                raise FeatcacheError(f"{name}: {exc}") from None
+            return replace(combined, origin=REGISTRY[base].origin, plugin=REGISTRY[base].plugin)
     candidates = list(REGISTRY) + [f"nap+{m}" for m in REGISTRY if m != "nap"]
     close = difflib.get_close_matches(name, candidates, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -402,3 +402,18 @@ def test_select_loads_the_pipelines_plugins(random_digits, tmp_path, capsys):
     means = {r["choice"]: json.loads(r["params"]) for r in rows if r["ood"] == "mean"}
     assert set(means) == {"selected", "paper_default", "oracle"} and means["paper_default"] == {"p": 2.0}
     check_featnorm_rows([r for r in rows if r["choice"] == "oracle"], random_digits["h5"], [means["oracle"]["p"]])
+
+
+def test_python_api_sweeps_and_scores_a_plugin_with_two_jobs(random_digits, tmp_path):
+    """featcache.sweep(plugins=..., jobs=2) and featcache.scores on a plugin file, against brute force."""
+    import featcache
+
+    frame = featcache.sweep(random_digits["h5"], GRID, plugins=[str(PLUGIN)], jobs=2, progress=False)
+    rows = [{k: (str(v) if k in ("method", "params", "ood") else v) for k, v in r.items()}
+            for r in frame.to_dict("records")]
+    check_featnorm_rows(rows, random_digits["h5"], [1, 2, 3])
+    table = featcache.scores(random_digits["h5"], "featnorm", plugins=[str(PLUGIN)], p=3)
+    splits = raw_splits(random_digits["h5"])
+    for name, (_, x, _, _) in splits.items():
+        expected = -np.sum(np.abs(x.astype(np.float64)) ** 3, axis=1) ** (1 / 3)
+        np.testing.assert_allclose(table[table.split == name].score.to_numpy(), expected, rtol=1e-12)

@@ -444,3 +444,13 @@ def test_every_submodule_keeps_its_mode_and_the_first_convolution_run_decides_ch
     model.bn.eval()  # frozen BatchNorm while fine-tuning
     featcache.extract(model, make_splits(), tmp_path / "d.h5", progress=False)
     assert model.training and model.mix.training and not model.bn.training
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "densenet121", "efficientnet_b0"])
+def test_input_channels_of_torchvision_models_whose_stem_is_a_block(name):
+    import torchvision
+
+    from featcache.extract.runner import input_channels
+
+    assert input_channels(getattr(torchvision.models, name)(num_classes=3)) == 3
+    assert input_channels(TinyNet(channels=1)) == 1

@@ -222,8 +222,10 @@ def input_channels(model: nn.Module) -> int | None:
     except FeatcacheError:  # not traceable: find_layers will say so; declaration order meanwhile
         order = list(model.modules())
     for module in order:
-        if isinstance(module, nn.Conv2d):
-            return int(module.in_channels)
+        # a traced leaf may be a block (torchvision's Conv2dNormActivation): its first convolution
+        for inner in module.modules() if module is not None else ():
+            if isinstance(inner, nn.Conv2d):
+                return int(inner.in_channels)
     return None
 
 

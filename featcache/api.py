@@ -146,7 +146,7 @@ def _api_source(name, value, TorchSplit, SplitSource):
         attrs["group"] = str(extra["group"])
     data = TorchSplit(data, name)
     return SplitSource(name=name, role=role, load=lambda: data, entry=data.describe(), resume=data.identity(),
-                       attrs=attrs, where=f"split {name!r}")
+                       attrs=attrs, where=f"split {name!r}", labels_required=True)
 
 
 def results_frame(rows: list[dict], columns) -> "pandas.DataFrame":  # noqa: F821
@@ -229,7 +229,7 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
                          backend=backend, scheduler=scheduler, groups=groups, overwrite=overwrite,
-                         pipeline=name, plugins=list(plugins or []))
+                         pipeline=name, plugins=_plugins(plugins))
     return results_frame(rows, COLUMNS)
 
 
@@ -279,7 +279,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
     from featcache.plugins import load_plugins
     from featcache.select import SELECTION_COLUMNS, select_to_csv
 
-    load_plugins(list(plugins or []))
+    load_plugins(_plugins(plugins))
     grid = _grid(grid)
     with tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else _Keep(out) as folder:
         target = Path(folder) / "selection.csv" if out is None else Path(out)
@@ -313,8 +313,9 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
     pandas.DataFrame
         One row per sample of every complete split, in cache order: split, role, group (empty
         when none), id, label (-1 where unknown), score (higher = more in-distribution) and
-        prediction (the class the head the method used predicts). The resolved parameters are
-        in `frame.attrs["params"]`, the cache's fingerprint in `frame.attrs["fingerprint"]`.
+        prediction (the class the head the method used predicts). `frame.attrs` holds the method,
+        its resolved parameters (`params`, JSON) and the cache's path, fingerprint, backbone and
+        checkpoint sha256.
 
     Examples
     --------
@@ -328,8 +329,9 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
     from featcache.methods.registry import get_method
     from featcache.plugins import load_plugins
     from featcache.replay import check_fingerprint, load_replay, refuse_flat_prepool, split_data
+    from featcache.results import cache_provenance
 
-    load_plugins(list(plugins or []))
+    load_plugins(_plugins(plugins))
     chosen = get_method(str(method))
     resolved = chosen.resolve(params)
     parts = []
@@ -351,26 +353,37 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
                 "id": np.asarray(data.ids).astype(str), "label": np.asarray(data.labels, np.int64),
                 "score": np.asarray(out.scores, np.float64), "prediction": np.asarray(out.predictions, np.int64)}))
         fingerprint = opened.fingerprint
+        provenance = cache_provenance(opened)
     check_fingerprint(cache, fingerprint, storage_options)
     frame = pd.concat(parts, ignore_index=True)[list(SCORE_COLUMNS)]
-    frame.attrs.update(method=chosen.name, params=params_key(resolved), fingerprint=fingerprint)
+    frame.attrs.update(method=chosen.name, params=params_key(resolved), **provenance, cache=str(cache))
     return frame
 
 
-def write_scores(frame, out, *, overwrite: bool = False) -> Path:
-    """Write a `scores` table to `out`: Parquet (.parquet, with pyarrow), CSV (.csv) or NumPy
-    (.npz, one array per column). An existing file is refused unless `overwrite`; the file appears
-    whole or not at all."""
-    import os
-
+def check_scores_path(out, overwrite: bool = False) -> Path:
+    """`out` as a scores file: its suffix a known format, not a folder, not replacing a file unless
+    `overwrite`; checked before the work."""
     out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".parquet", ".csv", ".npz"):
+    if out.suffix.lower() not in (".parquet", ".csv", ".npz"):
         raise FeatcacheError(f"{out}: the file's suffix says its format: .parquet, .csv or .npz")
     if out.is_dir():
         raise FeatcacheError(f"{out}: is a directory; give a file name")
     if out.exists() and not overwrite:
         raise FeatcacheError(f"{out}: exists; not replacing it (choose another --out, or pass --overwrite)")
+    return out
+
+
+def write_scores(frame, out, *, overwrite: bool = False) -> Path:
+    """Write a `scores` table to `out`: Parquet (.parquet, with pyarrow), CSV (.csv) or NumPy
+    (.npz, one array per column), and beside it `<stem>.meta.json` with its provenance (method,
+    parameters, cache fingerprint, backbone, checkpoint). An existing file is refused unless
+    `overwrite`; the file appears whole or not at all."""
+    import os
+
+    from featcache.results import write_meta
+
+    out = check_scores_path(out, overwrite)
+    suffix = out.suffix.lower()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{suffix}")
     try:
@@ -396,6 +409,7 @@ def write_scores(frame, out, *, overwrite: bool = False) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    write_meta(out, command="scores", **{k: v for k, v in frame.attrs.items()})
     return out
 
 
@@ -410,6 +424,13 @@ class _Keep:
 
     def __exit__(self, *exc):
         return False
+
+
+def _plugins(plugins) -> list[str]:
+    """A plugin spec or a list of them."""
+    if plugins is None:
+        return []
+    return [str(plugins)] if isinstance(plugins, (str, Path)) else [str(p) for p in plugins]
 
 
 def _groups(groups) -> dict:

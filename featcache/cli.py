@@ -182,7 +182,8 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
                          plugins_base=spec.path.resolve().parent, plugins_where=spec.path)
     n_configs = len({(r["method"], r["params"]) for r in rows})
     click.echo(f"{n_configs} configurations -> {out}")
-    click.echo("best configuration per method (on the test OOD splits: an oracle), mean over ood splits, percent:")
+    click.echo("best configuration per method by mean FPR95 (ties: AUROC) on the test OOD splits (an oracle), "
+               "mean over ood splits, percent:")
     click.echo(format_table(rows))
     click.echo(provenance_line(out))
 
@@ -217,7 +218,8 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
                              overwrite=overwrite, pipeline_path=spec.path, pipeline=spec.name)
     click.echo(f"selection -> {out}")
     click.echo(f"mean over ood splits, percent; paper defaults for benchmark {spec.benchmark or '(none declared)'}; "
-               "the oracle column looked at the test OOD data:")
+               f"the ORACLE rows are the best on the test OOD data by the criterion "
+               f"({criterion or options.get('criterion', 'auroc')}):")
     click.echo(format_selection(rows, spec.benchmark))
     click.echo(provenance_line(out))
 
@@ -253,11 +255,10 @@ def report(pipeline, cache_path, no_figures):
 def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
     """Write one configuration's per-sample scores on every split of PIPELINE's cache to --out.
 
-    Columns: split, role, group, id, label, score (higher = more in-distribution), prediction.
+    Columns: split, role, group, id, label, score (higher = more in-distribution), prediction. Its
+    provenance (method, parameters, cache fingerprint) goes to <stem>.meta.json beside it.
     """
-    from pathlib import Path
-
-    from featcache.api import scores, write_scores
+    from featcache.api import check_scores_path, scores, write_scores
     from featcache.config import load_pipeline
 
     spec = load_pipeline(pipeline)
@@ -268,14 +269,12 @@ def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
         raise FeatcacheError(f"--params {params_json!r}: not JSON ({exc})") from None
     if not isinstance(params, dict):
         raise FeatcacheError(f"--params {params_json!r}: expected a JSON object such as '{{\"p\": 90}}'")
-    target = Path(out)
-    if target.exists() and not overwrite:  # before the work, not after it
-        raise FeatcacheError(f"{target}: exists; not replacing it (choose another --out, or pass --overwrite)")
+    target = check_scores_path(out, overwrite)  # before the work, not after it
     with next_step(pipeline, cache_path):
         table = scores(cache_path or spec.cache, method, groups=spec.groups, **params)
     write_scores(table, target, overwrite=overwrite)
     click.echo(f"{table.attrs['method']} {table.attrs['params']}: {len(table)} samples of "
-               f"{table['split'].nunique()} splits -> {target}")
+               f"{table['split'].nunique()} splits -> {target} (cache fingerprint {table.attrs['fingerprint'][:12]})")
 
 
 @cli.command()

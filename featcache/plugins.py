@@ -112,7 +112,7 @@ def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins"
         if exc.name == spec or spec.startswith(f"{exc.name}."):
             raise FeatcacheError(f"{shown}: no module named {spec!r} (install it, or give a path/to/file.py)") from None
         raise FeatcacheError(f"{shown}: importing it failed: no module named {exc.name!r}") from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit at import must not end a command as if it succeeded
         undo(before)
         raise FeatcacheError(f"{shown}: importing it failed: {one_line(exc)}") from None
     finally:

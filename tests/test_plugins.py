@@ -232,7 +232,7 @@ def test_loading_a_plugin_twice_is_harmless(tmp_path):
     assert first == [str((tmp_path / "featnorm.py").resolve())]
     assert load_plugins([str(tmp_path / "featnorm.py"), "featnorm.py"], base_dir=tmp_path) == first
     assert get_method("featnorm") is method and method.origin == "plugin: featnorm.py"
-    assert method.plugin == first[0] and method.version == "1"
+    assert method.plugin == first[0] and method.version.startswith("1+")  # + a digest of its source
     # another file registering the same name is a clash, which leaves the registry as it was
     (tmp_path / "copy.py").write_text(PLUGIN.read_text())
     with pytest.raises(FeatcacheError, match="plugin 'copy.py': method 'featnorm' is registered twice: by plugin: "
@@ -244,7 +244,7 @@ def test_loading_a_plugin_twice_is_harmless(tmp_path):
     path.write_text(path.read_text().replace("version=1", "version=2"))
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     load_plugins(["featnorm.py"], base_dir=tmp_path)
-    assert get_method("featnorm").version == "2"
+    assert get_method("featnorm").version.startswith("2+")
 
 
 def test_a_reused_worker_holds_only_the_current_sweeps_plugins(tmp_path):
@@ -259,11 +259,11 @@ def test_a_reused_worker_holds_only_the_current_sweeps_plugins(tmp_path):
             "    pass\n")
     a, b = str(tmp_path / "a.py"), str(tmp_path / "b.py")
     import_in_worker([a])
-    assert get_method("mine").version == "a"
+    assert get_method("mine").version.startswith("a+")
     import_in_worker([b])
-    assert get_method("mine").version == "b"
+    assert get_method("mine").version.startswith("b+")
     import_in_worker([a])
-    assert get_method("mine").version == "a"
+    assert get_method("mine").version.startswith("a+")
     import_in_worker([])
     assert "mine" not in REGISTRY
     with pytest.raises(FeatcacheError, match="method 'mine' is registered twice"):
@@ -285,7 +285,7 @@ def test_register_like_a_builtin(tmp_path):
     method = get_method("topk_norm")
     assert method.resolve({"k": 4}) == {"k": 4, "scale": 1.0}
     assert method.paper_default("cifar10") == {"k": 5, "scale": 1.0} and method.paper_default("imagenet") is None
-    assert method.version == "2" and method.origin.startswith("module: ") and method.origin.endswith("test_plugins")
+    assert method.version.startswith("2+") and method.origin.startswith("module: ") and method.origin.endswith("test_plugins")
     with pytest.raises(FeatcacheError, match="k must be a positive integer"):
         method.resolve({"k": 1.5})
     with pytest.raises(FeatcacheError, match="unknown parameter 'kk'; did you mean 'k'"):
@@ -368,14 +368,18 @@ def test_changed_plugin_version_recomputes(random_digits, tmp_path):
     out = tmp_path / "res" / "sweep.csv"
     run_sweep({"signed": {}}, random_digits["h5"], out, jobs=2, progress=False, plugins=plugin("plugin_a.py", 1, -1))
     before = auroc_on("mean")
-    # same version, other code: the saved progress stands (the version is the method's promise)
+    # the same code again: the saved progress stands
+    del REGISTRY["signed"]
+    run_sweep({"signed": {}}, random_digits["h5"], out, jobs=2, progress=False, plugins=plugin("plugin_a.py", 1, -1))
+    assert auroc_on("mean") == before
+    # same version, other code (the version not raised): recomputed all the same, from a digest of
+    # the plugin's source; the score negated, so AUROC becomes 1 - AUROC on every ood split
     del REGISTRY["signed"]
     run_sweep({"signed": {}}, random_digits["h5"], out, jobs=2, progress=False, plugins=plugin("plugin_b.py", 1, 1))
-    assert auroc_on("mean") == before
-    del REGISTRY["signed"]
-    run_sweep({"signed": {}}, random_digits["h5"], out, jobs=2, progress=False, plugins=plugin("plugin_c.py", 2, 1))
-    # the score negated: AUROC becomes 1 - AUROC on every ood split
     assert auroc_on("mean") == pytest.approx(1 - before, abs=1e-9)
+    del REGISTRY["signed"]
+    run_sweep({"signed": {}}, random_digits["h5"], out, jobs=2, progress=False, plugins=plugin("plugin_c.py", 2, -1))
+    assert auroc_on("mean") == pytest.approx(before, abs=1e-9)
 
 
 def test_plugin_failing_while_scoring_is_one_line(random_digits, tmp_path, capsys):
@@ -417,3 +421,47 @@ def test_python_api_sweeps_and_scores_a_plugin_with_two_jobs(random_digits, tmp_
     for name, (_, x, _, _) in splits.items():
         expected = -np.sum(np.abs(x.astype(np.float64)) ** 3, axis=1) ** (1 / 3)
         np.testing.assert_allclose(table[table.split == name].score.to_numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("    sys.exit(0)\n", "failed: SystemExit"),
+    ("    return Output(np.zeros(len(data.labels)), np.full(len(data.labels), 99))\n",
+     "predictions must be integer classes of the head (0..9)"),
+    ("    return Output(np.zeros(len(data.labels)), np.zeros(len(data.labels)))\n",
+     "predictions must be integer classes of the head"),
+])
+def test_a_plugin_cannot_end_a_sweep_quietly_or_give_other_classes(random_digits, tmp_path, capsys, body, fragment):
+    (tmp_path / "pipes").mkdir()
+    (tmp_path / "pipes" / "odd.py").write_text(
+        "import sys\nimport numpy as np\nimport featcache\nfrom featcache.methods import Output\n"
+        "@featcache.register('odd')\ndef odd(data, head, fit):\n" + body)
+    pipeline = write_pipeline(tmp_path, random_digits["h5"], {"odd": {}}, plugins=["odd.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", str(pipeline), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and fragment in err and len(err.splitlines()) == 1
+
+
+def test_exit_at_import_and_paper_settings_the_method_does_not_take_are_errors(tmp_path):
+    from featcache.plugins import load_plugins
+
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
+    with pytest.raises(FeatcacheError, match="importing it failed: SystemExit"):
+        load_plugins([str(tmp_path / "exits.py")])
+    (tmp_path / "paper.py").write_text(
+        "import featcache\n@featcache.register('badpaper', defaults={'p': 2.0}, paper={'cifar10': {'q': 3}})\n"
+        "def badpaper(data, head, fit, p):\n    pass\n")
+    with pytest.raises(FeatcacheError, match="its paper setting on cifar10: badpaper: unknown parameter 'q'"):
+        load_plugins([str(tmp_path / "paper.py")])
+
+
+def test_the_api_takes_one_plugin_as_a_string_and_scores_files_carry_provenance(random_digits, tmp_path):
+    import featcache
+    from featcache.api import write_scores
+
+    table = featcache.scores(random_digits["h5"], "featnorm", plugins=str(PLUGIN), p=1)
+    write_scores(table, tmp_path / "s.parquet")
+    meta = json.loads((tmp_path / "s.meta.json").read_text())
+    with h5py.File(random_digits["h5"], "r") as fh:
+        assert meta["fingerprint"] == fh.attrs["fingerprint"] and meta["backbone"] == fh.attrs["backbone"]
+    assert meta["method"] == "featnorm" and json.loads(meta["params"]) == {"p": 1} and meta["command"] == "scores"

@@ -1,5 +1,6 @@
 """Stage two end to end: replay equals the live model, the sweep CSV, and no backbone at sweep time."""
 
+import importlib
 import csv
 import json
 import subprocess
@@ -201,7 +202,7 @@ def test_parallel_sweep_equals_serial(digits, tmp_path):
 
 
 def test_interrupted_sweep_computes_only_the_missing_configurations(digits, tmp_path, monkeypatch):
-    from featcache import sweep as sweep_mod
+    sweep_mod = importlib.import_module("featcache.sweep")  # featcache.sweep is the API function
 
     out = tmp_path / "res" / "sweep.csv"
     original = sweep_mod.sweep_batch

@@ -2,6 +2,7 @@
 --out never replaces a file that is not a results file, and a sweep killed at any moment resumes to the
 same bytes."""
 
+import importlib
 import json
 import os
 import shutil
@@ -101,7 +102,7 @@ def test_cache_swapped_between_batches_stops_the_sweep(two_caches, digits, tmp_p
 
 
 def test_cache_swapped_during_select_writes_nothing(two_caches, digits, tmp_path, monkeypatch):
-    import featcache.select as select
+    select = importlib.import_module("featcache.select")  # featcache.select is the API function
 
     path, other = two_caches
     pipeline = pipeline_for(tmp_path, digits["pipeline"], path, grid={"energy": {"T": [1]}})
@@ -172,7 +173,7 @@ def test_poisoned_progress_is_ignored_and_recomputed(digits, tmp_path):
 
 
 def test_genuine_progress_is_reused(digits, tmp_path, monkeypatch):
-    import featcache.sweep as sweep
+    sweep = importlib.import_module("featcache.sweep")  # featcache.sweep is the API function
 
     pipeline = pipeline_for(tmp_path, digits["pipeline"], digits["cache"])
     reference = clean_csv(tmp_path, pipeline)

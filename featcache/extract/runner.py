@@ -246,6 +246,9 @@ class SplitSource:
     resume: dict
     attrs: dict = field(default_factory=dict)
     where: str = ""
+    # whether an id split's every sample must have a class (the API's data); a manifest's entry may
+    # say -1, unknown, as its `folder` format and generated noise do
+    labels_required: bool = False
 
 
 LABELLED_ROLES = ("train", "id_train", "id_val", "id_test")
@@ -446,14 +449,17 @@ def write_cache(model: nn.Module, sources: list[SplitSource], writer: CacheWrite
 
 def split_labels(labels, source: SplitSource, start: int, classes: int) -> np.ndarray:
     """The labels stored for a batch: the classes of an id split (each one of the head's 0..K-1,
-    or ID accuracy would silently be wrong), -1 for every other role."""
+    or ID accuracy would silently be wrong; -1, unknown, where the source allows it), -1 for every
+    other role."""
     labels = np.asarray(labels, np.int64)
     if source.role not in LABELLED_ROLES:
         return np.full(len(labels), -1, np.int64)
-    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    lowest = 0 if source.labels_required else -1
+    bad = np.flatnonzero((labels < lowest) | (labels >= classes))
     if len(bad):
+        unknown = "" if source.labels_required else " or -1 (unknown)"
         raise FeatcacheError(f"{source.where}: sample {start + int(bad[0])} has label {int(labels[bad[0]])}, not a class "
-                             f"of the head (0..{classes - 1}); an {source.role} split needs every sample's class")
+                             f"of the head (0..{classes - 1}){unknown}; an {source.role} split needs every sample's class")
     return labels
 
 

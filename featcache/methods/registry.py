@@ -15,7 +15,10 @@ from __future__ import annotations
 import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from featcache.errors import FeatcacheError
 from featcache.methods.data import Fit, Head, Output, SplitData
@@ -106,7 +109,7 @@ class Method:
             out = self.fn(data, head, fit, **params)
         except FeatcacheError as exc:
             raise FeatcacheError(f"{where}: {exc}") from None
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit in a plugin must not pass for a finished sweep
             text = str(exc).strip()
             raise FeatcacheError(f"{where} failed: {type(exc).__name__}"
                                  + (f": {text.splitlines()[0]}" if text else "")) from None
@@ -118,6 +121,14 @@ class Method:
             if getattr(values, "shape", None) != (n,):
                 raise FeatcacheError(f"{where}: {what} have shape {getattr(values, 'shape', None)}, expected ({n},), "
                                      "one per sample")
+        if np.asarray(out.scores).dtype.kind not in "biuf":
+            raise FeatcacheError(f"{where}: scores are {np.asarray(out.scores).dtype}, not numbers")
+        predictions = np.asarray(out.predictions)
+        classes = head.weight.shape[0]
+        if predictions.dtype.kind not in "iu" or (n and (predictions.min() < 0 or predictions.max() >= classes)):
+            raise FeatcacheError(f"{where}: predictions must be integer classes of the head (0..{classes - 1}), got "
+                                 f"{predictions.dtype} values" + (f" from {predictions.min()} to {predictions.max()}"
+                                                                 if n and predictions.dtype.kind in "biuf" else ""))
         return out
 
 
@@ -225,11 +236,36 @@ def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0
         if unknown:
             raise FeatcacheError(f"method {name!r}: unknown benchmark {unknown[0]!r} in its paper settings "
                                  f"(benchmarks: {', '.join(BENCHMARKS)})")
-        REGISTRY[name] = Method(name, fn, dict(defaults or {}), nap_offset, tuple(one_of), dict(paper or {}),
-                                tuple(integer), dict(qualifies or {}), str(version), origin, spec)
+        revision = str(version)
+        if origin != "featcache":
+            # saved progress is reused only for the same code: an edited plugin whose version was
+            # not raised is recomputed all the same
+            revision += "+" + source_digest(fn)
+        method = Method(name, fn, dict(defaults or {}), nap_offset, tuple(one_of), dict(paper or {}),
+                        tuple(integer), dict(qualifies or {}), revision, origin, spec)
+        for benchmark, setting in method.paper.items():  # a paper setting must be one the method takes
+            try:
+                method.resolve(setting or {})
+            except FeatcacheError as exc:
+                raise FeatcacheError(f"method {name!r}: its paper setting on {benchmark}: {exc}") from None
+        REGISTRY[name] = method
         return fn
 
     return wrap
+
+
+def source_digest(fn) -> str:
+    """The first 12 hex digits of sha256 over the source file that defines `fn` (of its code object
+    where the file cannot be read, e.g. a notebook cell)."""
+    import hashlib
+    import inspect
+
+    try:
+        data = Path(inspect.getsourcefile(fn) or "").read_bytes()
+    except (TypeError, OSError):
+        code = getattr(fn, "__code__", None)
+        data = code.co_code + repr(code.co_consts).encode() if code is not None else repr(fn).encode()
+    return hashlib.sha256(data).hexdigest()[:12]
 
 
 def get_method(name: str) -> Method:
@@ -254,5 +290,7 @@ def get_method(name: str) -> Method:
             return replace(combined, origin=REGISTRY[base].origin, plugin=REGISTRY[base].plugin)
     candidates = list(REGISTRY) + [f"nap+{m}" for m in REGISTRY if m != "nap"]
     close = difflib.get_close_matches(name, candidates, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = (f"; did you mean {close[0]!r}?" if close else
+            "; if it is a plugin's, name its file or module in the pipeline's `plugins:` (or plugins= in Python), "
+            "or install its package")
     raise FeatcacheError(f"unknown method {name!r}{hint}")

@@ -45,6 +45,19 @@ def batches_by_method(configs: list[tuple[Method, dict]]) -> list[list[tuple[str
     return list(groups.values())
 
 
+def batches_for(configs: list[tuple[Method, dict]], parallel: bool) -> list[list[tuple[str, dict]]]:
+    """The sweep's batches: one of every configuration when they run in one process, per method when
+    batches run in parallel workers.
+
+    A batch reads each split of the cache once and shares its work across methods (one sort serves
+    ASH-P, -B, -S and SCALE; one energy per T serves energy, RG and nap+energy; one head product
+    serves ASH-P and ASH-S at the same p), one split at a time, so memory stays at about one split.
+    """
+    if parallel:
+        return batches_by_method(configs)
+    return [[(method.name, params) for method, params in configs]] if configs else []
+
+
 # --- the floor: dense products a grid needs -------------------------------------------------------
 
 # Methods whose scores need no dense product at all: they read the cached logits (energy at any T is
@@ -60,6 +73,22 @@ def _clip_spec(params: dict) -> tuple:
     return ("percentile", params.get("percentile"), params.get("percentile_of", "id_train"))
 
 
+NAP_PARAMS = ("w", "eps", "form")
+
+
+def base_config(name: str, params: dict) -> tuple[str, dict]:
+    """nap+X's configuration of X (its scores do not depend on w, eps or form); others as they are."""
+    if name.startswith("nap+"):
+        return name[4:], {k: v for k, v in params.items() if k not in NAP_PARAMS}
+    return name, params
+
+
+def work_plan(configs) -> frozenset:
+    """{(method, params key)} of the configurations' base methods: what a split's shared work serves."""
+    return frozenset((base, params_key(params)) for base, params in
+                     (base_config(getattr(m, "name", m), p) for m, p in configs))
+
+
 def product_key(name: str, params: dict) -> tuple | None:
     """What a configuration feeds a dense product, or None when it needs none.
 
@@ -69,9 +98,7 @@ def product_key(name: str, params: dict) -> tuple | None:
     react+ash_s; nap+X shares X's. ASH-B multiplies its 0/1 mask, DICE the features with its own
     sparsified head, KNN the normalised features with its bank (a product with the bank, not the head).
     """
-    if name.startswith("nap+"):
-        name = name[4:]
-        params = {k: v for k, v in params.items() if k not in ("w", "eps", "form")}
+    name, params = base_config(name, params)
     if name in NO_PRODUCT:
         return None
     if name in ("ash_p", "ash_s"):

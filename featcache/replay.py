@@ -8,7 +8,7 @@ import numpy as np
 
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
-from featcache.grid import params_key
+from featcache.grid import params_key, work_plan
 from featcache.methods.data import Fit, Head, SplitData
 from featcache.methods.registry import Method, get_method
 from featcache.metrics import SortedScores, accuracy, ood_metrics
@@ -199,10 +199,13 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         replay = load_replay(cache, read_clock=read_clock)
         methods = [(get_method(name), params) for name, params in configs]
         counts: list[dict] = [{} for _ in methods]
+        plan = work_plan(configs)
 
         def scores_on(data: SplitData, is_id: bool) -> list:
             """Per configuration, its scores on one split (and the ID accuracy on the ID split), taken
             from the scratch or computed and saved there."""
+            # the batch's configurations: a product computed for one of them serves those sharing it
+            data.plan = plan
             found = []
             for (method, params), count in zip(methods, counts):
                 key = params_key(params)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.kernels import energy, energy_blocks
+from featcache.methods.kernels import energy, energy_blocks_shared
 
 
 PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
@@ -42,18 +42,30 @@ class Head:
         shaping too runs a block at a time. One product per block (float32 unless `precise`); the
         scaling, bias and logsumexp in float64.
         """
+        return self.energies(x, [row_scale], T, n)[0]
+
+    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None) -> list:
+        """`energy` for each of `row_scales` (arrays or None) from one product of `x` with the head.
+
+        The head is linear, (r x) W^T + b = r (x W^T) + b, so configurations that differ only by a
+        per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
+        gets the very numbers `energy` gives it alone.
+        """
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype)
 
-        def block(start, stop):
-            z = (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
-            if row_scale is not None:
-                z *= row_scale[start:stop, None]
-            z += self.bias
-            return z
+        def product(start, stop):
+            return (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
 
-        return energy_blocks(block, len(x) if n is None else n, T)
+        def finish_with(row_scale):
+            def finish(z, start, stop):
+                if row_scale is not None:
+                    z *= row_scale[start:stop, None]
+                z += self.bias
+            return finish
+
+        return energy_blocks_shared(product, [finish_with(r) for r in row_scales], len(x) if n is None else n, T)
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
@@ -67,6 +79,9 @@ class SplitData:
         self._loader = loader
         self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
         self._memo: dict = {}
+        # (method, params key) of every configuration the batch scores on this split, nap+X as X:
+        # what one shared product may serve besides the configuration that asks for it
+        self.plan: frozenset = frozenset()
         for key, value in arrays.items():
             setattr(self, key, value)
 
@@ -75,6 +90,12 @@ class SplitData:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def wants(self, method: str, params: dict) -> bool:
+        """Whether the batch scores `method` with `params` on this split (see `plan`)."""
+        import json
+
+        return (method, json.dumps(params, sort_keys=True)) in self.plan
 
     def __getattr__(self, key):
         # only reached when the attribute is not set yet

@@ -76,18 +76,37 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
 
 def energy_blocks(block: Callable, n: int, T: float = 1.0):
     """(energy, argmax) of float64 logits produced `block(start, stop)` at a time, on all cores."""
-    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+    return energy_blocks_shared(block, [None], n, T)[0]
+
+
+def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1.0) -> list:
+    """[(energy, argmax)] for each `finish` of one `product`, a block of rows at a time, on all cores.
+
+    product(start, stop) -> float64 rows (a head product, computed once per block however many
+    configurations use it); finish(z, start, stop) turns a copy of them into one configuration's
+    logits in place (a per-row scale, the bias), or None to take them as they are. Each configuration
+    gets exactly the numbers `energy_blocks` gives for product-then-finish as one block function.
+    """
+    outs = [(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes]
+
+    def logits_of(finish, z, start, stop):
+        if finish is not None:
+            finish(z, start, stop)
+        return z
 
     def run(start, stop):
-        z = block(start, stop)
-        for a in range(0, len(z), LSE_BLOCK):
-            sub = z[a : a + LSE_BLOCK]
-            rows = slice(start + a, start + a + len(sub))
-            predictions[rows] = sub.argmax(axis=1)
-            scores[rows] = _energy_inplace(sub, T, lambda low, a=a: block(start, stop)[a + low])
+        z0 = product(start, stop)
+        for i, (finish, (scores, predictions)) in enumerate(zip(finishes, outs)):
+            z = logits_of(finish, z0 if i == len(finishes) - 1 else z0.copy(), start, stop)
+            for a in range(0, len(z), LSE_BLOCK):
+                sub = z[a : a + LSE_BLOCK]
+                rows = slice(start + a, start + a + len(sub))
+                predictions[rows] = sub.argmax(axis=1)
+                scores[rows] = _energy_inplace(
+                    sub, T, lambda low, a=a, f=finish: logits_of(f, product(start, stop), start, stop)[a + low])
 
     map_row_blocks(run, n)
-    return scores, predictions
+    return outs
 
 
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:

@@ -7,6 +7,7 @@ thread, keep every core busy, and no (N, K) float64 array is ever held.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -25,24 +26,52 @@ def n_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_POOL: dict = {}  # the worker threads and the BLAS limiter, made once per process: a sweep calls this hundreds of times
+_IN_WORKER = threading.local()
+
+
+def _pool_and_limiter(workers: int):
+    if _POOL.get("workers") != workers or _POOL.get("pid") != os.getpid():  # a forked child needs its own threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import ThreadpoolController
+
+        if "pool" in _POOL and _POOL.get("pid") == os.getpid():
+            _POOL["pool"].shutdown(wait=True)
+        # the controller finds the BLAS libraries once; threadpool_limits() would search for them per call
+        _POOL.update(workers=workers, pid=os.getpid(), pool=ThreadPoolExecutor(workers, thread_name_prefix="featcache-rows"),
+                     controller=ThreadpoolController())
+    return _POOL["pool"], _POOL["controller"]
+
+
 def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     """Call fn(start, stop) for every block of rows, on all cores.
 
     numpy's elementwise work is single-threaded; running whole blocks (product, shaping,
     logsumexp) in a thread per core, with BLAS held to one thread, keeps every core busy.
+    Called from inside a block (nested), it runs serially in that thread.
     """
     blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
     workers = min(n_workers(), len(blocks))
-    if workers <= 1:
+    if workers <= 1 or getattr(_IN_WORKER, "active", False):
         for start, stop in blocks:
             fn(start, stop)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    pool, controller = _pool_and_limiter(n_workers())
 
-    from threadpoolctl import threadpool_limits
+    def run(start, stop):
+        _IN_WORKER.active = True
+        try:
+            fn(start, stop)
+        finally:
+            _IN_WORKER.active = False
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(fn, start, stop) for start, stop in blocks]:
+    from concurrent.futures import wait
+
+    with controller.limit(limits=1, user_api="blas"):
+        futures = [pool.submit(run, start, stop) for start, stop in blocks]
+        wait(futures)  # all of them, so that none still runs when an error is raised
+        for future in futures:
             future.result()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
-from featcache.grid import params_key, work_plan
+from featcache.grid import params_key, uses_sort, work_plan
 from featcache.methods.data import Fit, Head, SplitData
 from featcache.methods.registry import Method, get_method
 from featcache.metrics import SortedScores, accuracy, ood_metrics
@@ -200,14 +200,18 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         methods = [(get_method(name), params) for name, params in configs]
         counts: list[dict] = [{} for _ in methods]
         plan = work_plan(configs)
+        # configurations that need the split's sorted features last, so that the sort (an (N, D)
+        # array) is made after NAP's pre-pool maxima (another) are released, never held with them
+        work_order = sorted(range(len(methods)), key=lambda i: uses_sort(methods[i][0].name))
 
         def scores_on(data: SplitData, is_id: bool) -> list:
             """Per configuration, its scores on one split (and the ID accuracy on the ID split), taken
             from the scratch or computed and saved there."""
             # the batch's configurations: a product computed for one of them serves those sharing it
             data.plan = plan
-            found = []
-            for (method, params), count in zip(methods, counts):
+            found = [None] * len(methods)
+            for i in work_order:
+                (method, params), count = methods[i], counts[i]
                 key = params_key(params)
                 saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
                 if saved is None:
@@ -219,7 +223,7 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
                 scores, acc, nonpositive = saved
                 if nonpositive is not None:
                     count[data.name] = nonpositive
-                found.append((scores, acc))
+                found[i] = (scores, acc)
             return found
 
         id_results = scores_on(replay.id_test, is_id=True)

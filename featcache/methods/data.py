@@ -97,6 +97,13 @@ class SplitData:
 
         return (method, json.dumps(params, sort_keys=True)) in self.plan
 
+    def release(self, key: str) -> None:
+        """Drop array `key` when it was read from the cache (it is read again if asked for): e.g. the
+        pre-pool maxima once NAP's score is memoised, so that they and the sorted features are
+        never held together."""
+        if self.__dict__.get("_loader") is not None and key in ARRAYS and key not in self._same_as.values():
+            self.__dict__.pop(key, None)
+
     def __getattr__(self, key):
         # only reached when the attribute is not set yet
         if key in ARRAYS and self.__dict__.get("_loader") is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_predictions
-from featcache.methods.kernels import logsumexp_rows
+from featcache.methods.kernels import logsumexp_rows, row_reduce
 from featcache.methods.registry import register
 
 
@@ -30,4 +30,6 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndar
 
 @register("gradnorm", defaults={"T": 1.0}, paper={"imagenet": {"T": 1.0}})
 def gradnorm(data, head, fit, T):
-    return Output(gradnorm_score(data.logits, data.features, T), original_predictions(data))
+    # a block of rows at a time: each row's score is its own, and no (N, K) float64 array is held
+    f, x = data.logits, data.features
+    return Output(row_reduce(lambda a, b: gradnorm_score(f[a:b], x[a:b], T), len(f)), original_predictions(data))

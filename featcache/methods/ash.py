@@ -82,12 +82,16 @@ def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zer
         ties &= kth != 0
     tie_rows = np.flatnonzero(ties)
     if tie_rows.size:
-        sub, sub_kth = x[tie_rows], kth[tie_rows, None]
+        every = tie_rows.size == n  # common for clipped features or many zeros: no copy of the rows then
+        sub, sub_kth = (x, kth[:, None]) if every else (x[tie_rows], kth[tie_rows, None])
         above = sub > sub_kth
         tied = sub == sub_kth
         need = k - above.sum(axis=1, keepdims=True)
         rank = np.cumsum(tied, axis=1, dtype=np.int16 if d < 2**15 else np.int32)  # narrow: less memory traffic
-        mask[tie_rows] = above | (tied & (rank <= need))
+        chosen = above | (tied & (rank <= need))
+        if every:
+            return chosen
+        mask[tie_rows] = chosen
     return mask
 
 

@@ -8,8 +8,9 @@ import numpy as np
 
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
-from featcache.grid import params_key
+from featcache.grid import base_config, params_key, uses_sort, work_plan
 from featcache.methods.data import Fit, Head, SplitData
+from featcache.methods.nap import shared_output
 from featcache.methods.registry import Method, get_method
 from featcache.metrics import SortedScores, accuracy, ood_metrics
 from featcache.results import MEAN, METRICS
@@ -207,16 +208,32 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         replay = load_replay(cache, read_clock=read_clock)
         methods = [(get_method(name), params) for name, params in configs]
         counts: list[dict] = [{} for _ in methods]
+        plan = work_plan(configs)
+        nap_bases = {(name, params_key(base_config(name, params)[1])) for name, params in configs
+                     if name.startswith("nap+")}
+        # configurations that need the split's sorted features last, so that the sort (an (N, D)
+        # array) is made after NAP's pre-pool maxima (another) are released, never held with them
+        work_order = sorted(range(len(methods)), key=lambda i: uses_sort(methods[i][0].name))
+
+        def scored(method, params, data):
+            """The method's output; kept on the split when a nap+ configuration of the batch
+            combines it, which then takes it instead of computing it again (see nap.shared_output)."""
+            if method.name.startswith("nap+") or (f"nap+{method.name}", params_key(params)) not in nap_bases:
+                return method(data, replay.head, replay.fit, **params)
+            return shared_output(method, data, replay.head, replay.fit, params)
 
         def scores_on(data: SplitData, is_id: bool) -> list:
             """Per configuration, its scores on one split (and the ID accuracy on the ID split), taken
             from the scratch or computed and saved there."""
-            found = []
-            for (method, params), count in zip(methods, counts):
+            # the batch's configurations: a product computed for one of them serves those sharing it
+            data.plan = plan
+            found = [None] * len(methods)
+            for i in work_order:
+                (method, params), count = methods[i], counts[i]
                 key = params_key(params)
                 saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
                 if saved is None:
-                    out = method(data, replay.head, replay.fit, **params)
+                    out = scored(method, params, data)
                     acc = accuracy(out.predictions, data.labels) if is_id else None
                     saved = (np.asarray(out.scores, dtype=np.float64), acc, out.nonpositive)
                     if scratch is not None:
@@ -224,7 +241,7 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
                 scores, acc, nonpositive = saved
                 if nonpositive is not None:
                     count[data.name] = nonpositive
-                found.append((scores, acc))
+                found[i] = (scores, acc)
             return found
 
         id_results = scores_on(replay.id_test, is_id=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from featcache.cache.reader import open_cache
 from featcache.cluster import dask_client
-from featcache.grid import batches_by_method, expand_grid, params_key
+from featcache.grid import batches_for, expand_grid, params_key
 from featcache.progress import ProgressStore
 from featcache.replay import load_replay, ood_groups, refuse_flat_prepool, sweep_batch
 from featcache.results import cache_provenance, guard_output, with_group_rows, write_csv, write_meta
@@ -69,8 +69,8 @@ def run_sweep(grid: dict, cache_path, out_path, *, jobs: int = 1, progress: bool
     store = ProgressStore(out_path, fingerprint, versions, ood_names, id_name)
     todo = [(m, p) for m, p in configs if (m.name, params_key(p)) not in store.done]
     bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="sweep", unit="config", disable=not progress)
-    batches = batches_by_method(todo)
     client = dask_client(scheduler, jobs) if backend == "dask" else None
+    batches = batches_for(todo, parallel=jobs > 1 or client is not None)
     each = dict(fingerprint=fingerprint, scratch=store.scores, plugins=in_workers)
     try:
         with parallel_config(backend="dask") if client else nullcontext():

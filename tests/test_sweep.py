@@ -203,6 +203,7 @@ def test_parallel_sweep_equals_serial(digits, tmp_path):
 
 def test_interrupted_sweep_computes_only_the_missing_configurations(digits, tmp_path, monkeypatch):
     sweep_mod = importlib.import_module("featcache.sweep")  # featcache.sweep is the API function
+    from featcache.grid import batches_by_method
 
     out = tmp_path / "res" / "sweep.csv"
     original = sweep_mod.sweep_batch
@@ -214,6 +215,8 @@ def test_interrupted_sweep_computes_only_the_missing_configurations(digits, tmp_
         computed.append([name for name, _ in configs])
         return original(cache_path, configs, storage_options, **kwargs)
 
+    # a serial sweep runs one batch; per-method batches here, so that it dies between batches
+    monkeypatch.setattr(sweep_mod, "batches_for", lambda configs, parallel: batches_by_method(configs))
     monkeypatch.setattr(sweep_mod, "sweep_batch", dying_after_three)
     with pytest.raises(KeyboardInterrupt):
         sweep_mod.run_sweep(GRID, digits["cache"], out, progress=False)

@@ -63,6 +63,7 @@ def two_caches(digits, random_digits, tmp_path):
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_cache_swapped_between_batches_stops_the_sweep(two_caches, digits, tmp_path, monkeypatch, jobs):
     from featcache.cache.reader import open_cache
+    from featcache.grid import batches_by_method
     from featcache.progress import ProgressStore
     from featcache.sweep import run_sweep
 
@@ -80,6 +81,8 @@ def test_cache_swapped_between_batches_stops_the_sweep(two_caches, digits, tmp_p
             os.replace(other, path)  # a teammate puts a new cache at the same path
 
     monkeypatch.setattr(ProgressStore, "add", add_then_swap)
+    # a serial sweep runs one batch; per-method batches here, so that there is a "between batches"
+    monkeypatch.setattr("featcache.sweep.batches_for", lambda configs, parallel: batches_by_method(configs))
     out = tmp_path / "results" / "sweep.csv"
     with pytest.raises(FeatcacheError, match="changed while"):
         run_sweep(GRID, path, out, jobs=jobs, progress=False)

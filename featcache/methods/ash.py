@@ -82,12 +82,16 @@ def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zer
         ties &= kth != 0
     tie_rows = np.flatnonzero(ties)
     if tie_rows.size:
-        sub, sub_kth = x[tie_rows], kth[tie_rows, None]
+        every = tie_rows.size == n  # common for clipped features or many zeros: no copy of the rows then
+        sub, sub_kth = (x, kth[:, None]) if every else (x[tie_rows], kth[tie_rows, None])
         above = sub > sub_kth
         tied = sub == sub_kth
         need = k - above.sum(axis=1, keepdims=True)
         rank = np.cumsum(tied, axis=1, dtype=np.int16 if d < 2**15 else np.int32)  # narrow: less memory traffic
-        mask[tie_rows] = above | (tied & (rank <= need))
+        chosen = above | (tied & (rank <= need))
+        if every:
+            return chosen
+        mask[tie_rows] = chosen
     return mask
 
 
@@ -163,10 +167,35 @@ def pruned_blocks(data, p, zero_ties):
     return rows, mask, k
 
 
+def top_k_sums(data, k):
+    """s2 per row, the sum of the k largest values (whatever the ties), from the shared sort."""
+    srt = sorted_features(data)
+    return data.memo(("s2", k), lambda: row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt)))
+
+
+PRUNED = ("ash_p", "ash_s")  # one pruned feature, the second only rescales its rows: one product for both
+
+
+def pruned_output(data, head, p, variant):
+    """ASH-P's or ASH-S's output at p, with one head product for both where the batch scores both.
+
+    Whichever comes first computes the other too when the split's plan has it (`SplitData.plan`),
+    from the same product: logits_P = W x_pruned + b and logits_S = r (W x_pruned) + b, r =
+    exp(s1 / s2). Each gets exactly the numbers it gets alone.
+    """
+    done = data.memo(("pruned_outputs", p), dict)
+    if variant not in done:
+        variants = [v for v in PRUNED if v == variant or (v not in done and data.wants(v, {"p": p}))]
+        k = keep_count(data.features.shape[1], p)
+        scales = [sharpen_scale(feature_sums(data), top_k_sums(data, k)) if v == "ash_s" else None for v in variants]
+        rows, _, _ = pruned_blocks(data, p, zero_ties=False)
+        done.update(zip(variants, (Output(*out) for out in head.energies(rows, scales, n=len(data.features)))))
+    return done[variant]  # kept: nap+ash_s and ash_s at one p both ask for it
+
+
 @register("ash_p", defaults={"p": 60}, paper=ash_paper("ash_p"))
 def ash_p(data, head, fit, p):
-    rows, _, _ = pruned_blocks(data, p, zero_ties=False)
-    return Output(*head.energy(rows, n=len(data.features)))
+    return pruned_output(data, head, p, "ash_p")
 
 
 @register("ash_b", defaults={"p": 65}, paper=ash_paper("ash_b"))
@@ -179,11 +208,7 @@ def ash_b(data, head, fit, p):
 
 @register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"))
 def ash_s(data, head, fit, p):
-    k = keep_count(data.features.shape[1], p)
-    srt = sorted_features(data)
-    s2 = row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt))
-    rows, _, _ = pruned_blocks(data, p, zero_ties=False)
-    return Output(*head.energy(rows, row_scale=sharpen_scale(feature_sums(data), s2), n=len(srt)))
+    return pruned_output(data, head, p, "ash_s")
 
 
 @register("ash_rand", defaults={"p": 65, "seed": 0})

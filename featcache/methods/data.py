@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.kernels import energy, energy_blocks
+from featcache.methods.kernels import energy, energy_blocks_shared
 
 
 PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
@@ -42,18 +42,30 @@ class Head:
         shaping too runs a block at a time. One product per block (float32 unless `precise`); the
         scaling, bias and logsumexp in float64.
         """
+        return self.energies(x, [row_scale], T, n)[0]
+
+    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None) -> list:
+        """`energy` for each of `row_scales` (arrays or None) from one product of `x` with the head.
+
+        The head is linear, (r x) W^T + b = r (x W^T) + b, so configurations that differ only by a
+        per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
+        gets the very numbers `energy` gives it alone.
+        """
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype)
 
-        def block(start, stop):
-            z = (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
-            if row_scale is not None:
-                z *= row_scale[start:stop, None]
-            z += self.bias
-            return z
+        def product(start, stop):
+            return (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
 
-        return energy_blocks(block, len(x) if n is None else n, T)
+        def finish_with(row_scale):
+            def finish(z, start, stop):
+                if row_scale is not None:
+                    z *= row_scale[start:stop, None]
+                z += self.bias
+            return finish
+
+        return energy_blocks_shared(product, [finish_with(r) for r in row_scales], len(x) if n is None else n, T)
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
@@ -67,6 +79,9 @@ class SplitData:
         self._loader = loader
         self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
         self._memo: dict = {}
+        # (method, params key) of every configuration the batch scores on this split, nap+X as X:
+        # what one shared product may serve besides the configuration that asks for it
+        self.plan: frozenset = frozenset()
         for key, value in arrays.items():
             setattr(self, key, value)
 
@@ -75,6 +90,19 @@ class SplitData:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def wants(self, method: str, params: dict) -> bool:
+        """Whether the batch scores `method` with `params` on this split (see `plan`)."""
+        import json
+
+        return (method, json.dumps(params, sort_keys=True)) in self.plan
+
+    def release(self, key: str) -> None:
+        """Drop array `key` when it was read from the cache (it is read again if asked for): e.g. the
+        pre-pool maxima once NAP's score is memoised, so that they and the sorted features are
+        never held together."""
+        if self.__dict__.get("_loader") is not None and key in ARRAYS and key not in self._same_as.values():
+            self.__dict__.pop(key, None)
 
     def __getattr__(self, key):
         # only reached when the attribute is not set yet
@@ -114,9 +142,14 @@ class Fit:
             self._id_val = self._id_val()
         return self._id_val
 
-    def feature_percentile(self, q: float, of: str = "id_train") -> float:
+    def feature_percentile(self, q: float, of: str = "id_train", also=()) -> float:
         """np.percentile (linear) over every entry of the features of `of` (id_train or id_val):
-        ReAct's clip."""
+        ReAct's clip. The percentiles `also` (others the batch will ask for) are computed with it, from
+        one partition of the values instead of one each."""
+        missing = [v for v in dict.fromkeys([q, *also]) if ("fit", "percentile", of, v) not in self.data._memo]
+        if len(missing) > 1:
+            for v, value in zip(missing, percentiles(self.split(of).features, missing)):
+                self.memo(("percentile", of, v), lambda value=value: value)
         return self.memo(("percentile", of, q), lambda: float(np.percentile(self.split(of).features, q)))
 
     @cached_property
@@ -129,6 +162,35 @@ class Fit:
         if total <= n:
             return np.arange(total)
         return np.sort(np.random.default_rng(self.seed).choice(total, n, replace=False))
+
+
+def percentiles(values: np.ndarray, qs) -> list[float]:
+    """[float(np.percentile(values, q)) for q in qs], from one partition of the values.
+
+    Each value is numpy's own for a Python number q (numpy's linear method, with the weak-scalar
+    arithmetic of a Python q: the interpolation runs in the values' dtype), so the clip is the same
+    to the last bit as one np.percentile per q; tests/test_perf_exact.py checks it against numpy.
+    """
+    flat = np.array(values, copy=True).ravel()
+    n = flat.size
+    points = []
+    for q in qs:
+        virtual = (n - 1) * np.true_divide(q, 100)
+        below = np.floor(virtual)
+        if virtual >= n - 1:
+            prev = nxt = n - 1
+        elif virtual < 0:
+            prev = nxt = 0
+        else:
+            prev, nxt = int(below), int(below) + 1
+        points.append((prev, nxt, float(virtual - below)))
+    flat.partition(np.unique([0, n - 1] + [i for p in points for i in p[:2]]))
+    out = []
+    for prev, nxt, gamma in points:
+        a, b = flat[prev], flat[nxt]
+        diff = b - a
+        out.append(float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma))
+    return out
 
 
 @dataclass

@@ -17,17 +17,28 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_predictions
-from featcache.methods.kernels import logsumexp_rows
+from featcache.methods.kernels import logsumexp_rows, row_reduce
 from featcache.methods.registry import register
 
 
-def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0) -> np.ndarray:
+def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.ndarray | None = None) -> np.ndarray:
+    """`l1`: ||x||_1 per row when already known (it does not depend on T)."""
     z = np.asarray(logits, dtype=np.float64) / T
     probs = np.exp(z - logsumexp_rows(z)[:, None])
     k = z.shape[1]
-    return (k / T) * np.abs(probs - 1.0 / k).sum(axis=1) * np.abs(np.asarray(x, np.float64)).sum(axis=1)
+    if l1 is None:
+        l1 = feature_l1(x)
+    return (k / T) * np.abs(probs - 1.0 / k).sum(axis=1) * l1
+
+
+def feature_l1(x: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(x, np.float64)).sum(axis=1)
 
 
 @register("gradnorm", defaults={"T": 1.0}, paper={"imagenet": {"T": 1.0}})
 def gradnorm(data, head, fit, T):
-    return Output(gradnorm_score(data.logits, data.features, T), original_predictions(data))
+    # a block of rows at a time: each row's score is its own, and no (N, K) float64 array is held
+    f, x = data.logits, data.features
+    l1 = data.memo(("l1",), lambda: row_reduce(lambda a, b: feature_l1(x[a:b]), len(x)))  # one pass for every T
+    return Output(row_reduce(lambda a, b: gradnorm_score(f[a:b], None, T, l1[a:b]), len(f)),
+                  original_predictions(data))

@@ -7,6 +7,7 @@ thread, keep every core busy, and no (N, K) float64 array is ever held.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable
 
 import numpy as np
@@ -25,24 +26,52 @@ def n_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_POOL: dict = {}  # the worker threads and the BLAS limiter, made once per process: a sweep calls this hundreds of times
+_IN_WORKER = threading.local()
+
+
+def _pool_and_limiter(workers: int):
+    if _POOL.get("workers") != workers or _POOL.get("pid") != os.getpid():  # a forked child needs its own threads
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import ThreadpoolController
+
+        if "pool" in _POOL and _POOL.get("pid") == os.getpid():
+            _POOL["pool"].shutdown(wait=True)
+        # the controller finds the BLAS libraries once; threadpool_limits() would search for them per call
+        _POOL.update(workers=workers, pid=os.getpid(), pool=ThreadPoolExecutor(workers, thread_name_prefix="featcache-rows"),
+                     controller=ThreadpoolController())
+    return _POOL["pool"], _POOL["controller"]
+
+
 def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     """Call fn(start, stop) for every block of rows, on all cores.
 
     numpy's elementwise work is single-threaded; running whole blocks (product, shaping,
     logsumexp) in a thread per core, with BLAS held to one thread, keeps every core busy.
+    Called from inside a block (nested), it runs serially in that thread.
     """
     blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
     workers = min(n_workers(), len(blocks))
-    if workers <= 1:
+    if workers <= 1 or getattr(_IN_WORKER, "active", False):
         for start, stop in blocks:
             fn(start, stop)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    pool, controller = _pool_and_limiter(n_workers())
 
-    from threadpoolctl import threadpool_limits
+    def run(start, stop):
+        _IN_WORKER.active = True
+        try:
+            fn(start, stop)
+        finally:
+            _IN_WORKER.active = False
 
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(fn, start, stop) for start, stop in blocks]:
+    from concurrent.futures import wait
+
+    with controller.limit(limits=1, user_api="blas"):
+        futures = [pool.submit(run, start, stop) for start, stop in blocks]
+        wait(futures)  # all of them, so that none still runs when an error is raised
+        for future in futures:
             future.result()
 
 
@@ -76,18 +105,37 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
 
 def energy_blocks(block: Callable, n: int, T: float = 1.0):
     """(energy, argmax) of float64 logits produced `block(start, stop)` at a time, on all cores."""
-    scores, predictions = np.empty(n), np.empty(n, dtype=np.int64)
+    return energy_blocks_shared(block, [None], n, T)[0]
+
+
+def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1.0) -> list:
+    """[(energy, argmax)] for each `finish` of one `product`, a block of rows at a time, on all cores.
+
+    product(start, stop) -> float64 rows (a head product, computed once per block however many
+    configurations use it); finish(z, start, stop) turns a copy of them into one configuration's
+    logits in place (a per-row scale, the bias), or None to take them as they are. Each configuration
+    gets exactly the numbers `energy_blocks` gives for product-then-finish as one block function.
+    """
+    outs = [(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes]
+
+    def logits_of(finish, z, start, stop):
+        if finish is not None:
+            finish(z, start, stop)
+        return z
 
     def run(start, stop):
-        z = block(start, stop)
-        for a in range(0, len(z), LSE_BLOCK):
-            sub = z[a : a + LSE_BLOCK]
-            rows = slice(start + a, start + a + len(sub))
-            predictions[rows] = sub.argmax(axis=1)
-            scores[rows] = _energy_inplace(sub, T, lambda low, a=a: block(start, stop)[a + low])
+        z0 = product(start, stop)
+        for i, (finish, (scores, predictions)) in enumerate(zip(finishes, outs)):
+            z = logits_of(finish, z0 if i == len(finishes) - 1 else z0.copy(), start, stop)
+            for a in range(0, len(z), LSE_BLOCK):
+                sub = z[a : a + LSE_BLOCK]
+                rows = slice(start + a, start + a + len(sub))
+                predictions[rows] = sub.argmax(axis=1)
+                scores[rows] = _energy_inplace(
+                    sub, T, lambda low, a=a, f=finish: logits_of(f, product(start, stop), start, stop)[a + low])
 
     map_row_blocks(run, n)
-    return scores, predictions
+    return outs
 
 
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:

@@ -65,8 +65,13 @@ def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, form: str = "pa
 
 
 def shared_nap_score(data, eps):
-    mx, mn = data.chan_max, data.chan_mean
-    return data.memo(("nap", eps), lambda: row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), len(mx)))
+    def compute():
+        mx, mn = data.chan_max, data.chan_mean
+        score = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), len(mx))
+        data.release("chan_max")  # read for this alone: not held while the rest of the batch runs
+        return score
+
+    return data.memo(("nap", eps), compute)
 
 
 @register("nap", defaults={"eps": NAP_EPS}, paper=every_benchmark({"eps": NAP_EPS}))

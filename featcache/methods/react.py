@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import ash_b_fill, ash_prune, sharpen_scale
+from featcache.methods.ash import keep_count, sharpen_scale, sorted_features, top_k_mask
 from featcache.methods.data import Output
+from featcache.methods.kernels import row_reduce
 from featcache.errors import FeatcacheError
 from featcache.methods.registry import every_benchmark, register
 
@@ -27,13 +28,28 @@ def react_features(x: np.ndarray, c: float) -> np.ndarray:
     return np.minimum(x, np.float32(c))
 
 
-def clip_value(fit, clip=None, percentile=None, percentile_of="id_train") -> float:
+def clip_value(fit, clip=None, percentile=None, percentile_of="id_train", data=None) -> float:
+    """c: `clip`, or the `percentile` of the features of `percentile_of`; with `data`, the other
+    percentiles of the same split its batch asks for are computed in the same pass."""
     if clip is not None:
         return float(clip)
     try:
-        return fit.feature_percentile(percentile, percentile_of)
+        return fit.feature_percentile(percentile, percentile_of, also=planned_percentiles(data, percentile_of))
     except FeatcacheError as exc:
         raise FeatcacheError(f"react: percentile_of {percentile_of}: {exc}") from None
+
+
+def planned_percentiles(data, of) -> list:
+    """Percentiles of split `of` that the ReAct-family configurations of data's batch clip at."""
+    import json
+
+    found = []
+    for name, key in getattr(data, "plan", ()):
+        if name == "react" or name.startswith("react+"):
+            params = json.loads(key)
+            if params.get("percentile") is not None and params.get("percentile_of", "id_train") == of:
+                found.append(params["percentile"])
+    return sorted(found)
 
 
 CLIP = {"percentile": 90, "clip": None, "percentile_of": "id_train"}
@@ -44,30 +60,89 @@ QUALIFIES = {"percentile_of": "percentile"}
 @register("react", defaults=CLIP, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
           paper=every_benchmark({"percentile": 90}))
 def react(data, head, fit, percentile=None, clip=None, percentile_of=None):
-    c, x = clip_value(fit, clip, percentile, percentile_of), data.features
+    c, x = clip_value(fit, clip, percentile, percentile_of, data), data.features
     return Output(*head.energy(lambda a, b: react_features(x[a:b], c), n=len(x)))
 
 
-def clipped(data, fit, percentile, clip, percentile_of):
-    return react_features(data.features, clip_value(fit, clip, percentile, percentile_of))
+def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
+    """(clipped rows, their keep mask, k), a block of rows at a time, from the split's one sort.
+
+    min(., c) is monotone, so the clipped rows sorted are the sorted rows clipped: min(sorted(x), c).
+    The mask is ASH's (ties at the k-th value broken lowest index first), as `ash_prune` of the whole
+    clipped array gives it.
+    """
+    c, x = np.float32(clip_value(fit, clip, percentile, percentile_of, data)), data.features
+    srt = sorted_features(data)
+    k = keep_count(x.shape[1], p)
+
+    def rows(start, stop):
+        return react_features(x[start:stop], c)
+
+    def mask(start, stop):
+        return top_k_mask(rows(start, stop), k, np.minimum(srt[start:stop], c))
+
+    return rows, mask, k
+
+
+def clipped_sums(data, fit, percentile, clip, percentile_of):
+    """s1 = sum(min(x, c)) per row, float64."""
+    c, x = np.float32(clip_value(fit, clip, percentile, percentile_of, data)), data.features
+    return data.memo(("clipped_s1", float(c)),
+                     lambda: row_reduce(lambda a, b: react_features(x[a:b], c).sum(axis=1, dtype=np.float64), len(x)))
+
+
+CLIPPED_PRUNED = ("react+ash_p", "react+ash_s")  # one clipped, pruned feature; the second rescales its rows
+
+
+def clipped_pruned_output(data, head, fit, p, clip_params, variant):
+    """react+ash_p's or react+ash_s's output, one head product for both where the batch scores both.
+
+    As `featcache.methods.ash.pruned_output`: logits_S = r (W x_pruned) + b, r = exp(s1 / s2), with
+    s1 the clipped row's sum and s2 the pruned row's.
+    """
+    c = clip_value(fit, **clip_params, data=data)
+    done = data.memo(("clipped_pruned_outputs", c, p), dict)
+    if variant not in done:
+        wanted = {"p": p, **{k: v for k, v in clip_params.items() if v is not None}}
+        variants = [v for v in CLIPPED_PRUNED if v == variant or (v not in done and data.wants(v, wanted))]
+        rows, mask, _ = clipped_blocks(data, fit, p, **clip_params)
+        n = len(data.features)
+
+        def pruned(start, stop):
+            return np.where(mask(start, stop), rows(start, stop), np.float32(0))
+
+        scales, shaped = [None] * len(variants), pruned
+        if "react+ash_s" in variants:
+            # r = exp(s1 / s2) filled in a block at a time as the block is shaped, before its product is
+            # scaled: one shaping pass instead of two (r is elementwise, so the same numbers)
+            s1, r = clipped_sums(data, fit, **clip_params), np.empty(n)
+            scales[variants.index("react+ash_s")] = r
+
+            def shaped(start, stop):
+                block = pruned(start, stop)
+                r[start:stop] = sharpen_scale(s1[start:stop], block.sum(axis=1, dtype=np.float64))
+                return block
+
+        done.update(zip(variants, (Output(*out) for out in head.energies(shaped, scales, n=n))))
+    return done[variant]
 
 
 @register("react+ash_p", defaults={"p": 60, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
 def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
-    return Output(*head.energy(ash_prune(clipped(data, fit, percentile, clip, percentile_of), p)[0]))
+    clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
+    return clipped_pruned_output(data, head, fit, p, clip_params, "react+ash_p")
 
 
 @register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
-    x = clipped(data, fit, percentile, clip, percentile_of)
-    _, mask, k = ash_prune(x, p)
-    return Output(*head.energy(mask, row_scale=ash_b_fill(x, k)))
+    clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
+    _, mask, k = clipped_blocks(data, fit, p, **clip_params)
+    fill = clipped_sums(data, fit, **clip_params) / k if k else np.zeros(len(data.features))
+    return Output(*head.energy(mask, row_scale=fill, n=len(data.features)))
 
 
 @register("react+ash_s", defaults={"p": 90, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
           paper=every_benchmark({"p": 90, "clip": 1.0}))
 def react_ash_s(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
-    x = clipped(data, fit, percentile, clip, percentile_of)
-    pruned = ash_prune(x, p)[0]
-    scale = sharpen_scale(x.sum(axis=1, dtype=np.float64), pruned.sum(axis=1, dtype=np.float64))
-    return Output(*head.energy(pruned, row_scale=scale))
+    clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
+    return clipped_pruned_output(data, head, fit, p, clip_params, "react+ash_s")

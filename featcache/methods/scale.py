@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, sorted_features
+from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, top_k_sums
 from featcache.methods.data import Output
-from featcache.methods.kernels import energy_blocks, row_reduce
+from featcache.methods.kernels import energy_blocks
 from featcache.methods.registry import register
 
 
@@ -27,9 +27,7 @@ def scale(data, head, fit, p):
     # s2 is the sum of the k largest values whatever the ties; and for a large head, since W x = f - b
     # with f the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
     k = keep_count(data.features.shape[1], p)
-    srt = sorted_features(data)
-    s2 = row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt))
-    r = sharpen_scale(feature_sums(data), s2)
+    r = sharpen_scale(feature_sums(data), top_k_sums(data, k))
     if head.precise:
         return Output(*head.energy(data.features, row_scale=r))
     f, b = data.logits, head.bias.astype(np.float64)

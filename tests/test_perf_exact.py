@@ -1,0 +1,140 @@
+"""Issue 16: the shared work of a batch changes no number.
+
+One head product serving ASH-P and ASH-S (and react+ash_p and react+ash_s), ReAct + ASH shaped a
+block at a time from the split's one sort, and several percentiles from one partition must give,
+to the last bit, what each configuration computed alone by the plain formula gives.
+"""
+
+import numpy as np
+import pytest
+
+from featcache.grid import work_plan
+from featcache.methods import Fit, Head, SplitData, get_method
+from featcache.methods.data import PRECISE_HEAD_WEIGHTS, percentiles
+
+
+def features(rng, n, d):
+    x = np.maximum(rng.normal(0.2, 1.0, size=(n, d)), 0).astype(np.float32)
+    x[:, : d // 4] = np.round(x[:, : d // 4] * 4) / 4  # exact ties, zeros included
+    x[0] = 0.0  # s2 = 0 for ASH-S
+    x[1] = 0.5  # every entry tied
+    return x
+
+
+def split(rng, n, d, w, b, name="test"):
+    x = features(rng, n, d)
+    return SplitData(name, features=x, chan_max=x + 1, chan_mean=x, logits=(x @ w.T + b).astype(np.float32),
+                     labels=np.zeros(n, dtype=np.int64), ids=np.array([f"{name}/{i}" for i in range(n)]))
+
+
+@pytest.fixture(params=["precise", "float32"])
+def setup(request):
+    rng = np.random.default_rng(3)
+    # a head of over PRECISE_HEAD_WEIGHTS weights multiplies in float32, a small one in float64
+    k, d = (10, 64) if request.param == "precise" else (520, 512)
+    assert (k * d <= PRECISE_HEAD_WEIGHTS) == (request.param == "precise")
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    # 2100 rows: several row blocks, the last one short
+    return Head(w, b), Fit(split(rng, 300, d, w, b, "train")), lambda: split(np.random.default_rng(5), 2100, d, w, b)
+
+
+def scored(setup, configs, shared):
+    """Scores of each configuration on a fresh split, with the batch's plan (shared) or alone."""
+    head, fit, fresh = setup
+    data = fresh()
+    if shared:  # as a sweep's batch sets it, from the resolved parameters
+        data.plan = work_plan((name, get_method(name).resolve(params)) for name, params in configs)
+    out = {}
+    for name, params in configs:
+        method = get_method(name)
+        result = method(data if shared else fresh(), head, fit, **method.resolve(params))
+        out[(name, str(params))] = (result.scores, result.predictions)
+    return out
+
+
+CONFIGS = [("ash_p", {"p": 60}), ("ash_s", {"p": 60}), ("ash_s", {"p": 90}), ("nap+ash_s", {"p": 90, "w": 0.5}),
+           ("ash_p", {"p": 90}), ("ash_b", {"p": 90}), ("scale", {"p": 90}),
+           ("react+ash_s", {"clip": 1.0, "p": 80}), ("react+ash_p", {"clip": 1.0, "p": 80}),
+           ("react+ash_b", {"clip": 1.0, "p": 80}), ("react+ash_s", {"percentile": 90, "p": 65}),
+           ("react", {"percentile": 80}), ("react", {"percentile": 95}), ("react+ash_p", {"percentile": 90, "p": 65})]
+
+
+def test_shared_products_give_each_configuration_its_own_numbers(setup):
+    alone, shared = scored(setup, CONFIGS, False), scored(setup, CONFIGS, True)
+    for key in alone:
+        np.testing.assert_array_equal(shared[key][0], alone[key][0], err_msg=str(key))
+        np.testing.assert_array_equal(shared[key][1], alone[key][1], err_msg=str(key))
+
+
+def test_react_ash_blocks_equal_the_whole_array_formula(setup):
+    """ReAct + ASH shaped a block at a time from the split's one sort: the numbers of shaping the
+    whole clipped array (clip, sort it, prune, then the head), the way it was computed before."""
+    from featcache.methods.ash import ash_b_fill, ash_prune, sharpen_scale
+
+    head, fit, fresh = setup
+    data = fresh()
+    x = np.minimum(data.features, np.float32(1.0))
+    for p in (0, 50, 80, 99):
+        pruned, mask, k = ash_prune(x, p)
+        expected = {
+            "react+ash_p": head.energy(pruned),
+            "react+ash_b": head.energy(mask, row_scale=ash_b_fill(x, k)),
+            "react+ash_s": head.energy(pruned, row_scale=sharpen_scale(x.sum(axis=1, dtype=np.float64),
+                                                                       pruned.sum(axis=1, dtype=np.float64))),
+        }
+        for name, (scores, predictions) in expected.items():
+            method = get_method(name)
+            out = method(fresh(), head, fit, **method.resolve({"clip": 1.0, "p": p}))
+            np.testing.assert_array_equal(out.scores, scores, err_msg=f"{name} p={p}")
+            np.testing.assert_array_equal(out.predictions, predictions)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentiles_from_one_partition_equal_numpy(dtype):
+    rng = np.random.default_rng(0)
+    qs = [0, 100, 90, 99.9, 50, 33.3, 80, 85.5, 97, 1e-9, 12]
+    for shape in [(300, 64), (7, 3), (1, 1), (2, 1)]:
+        values = np.maximum(rng.normal(0.2, 1, size=shape), 0).astype(dtype)
+        values[:, :1] = np.round(values[:, :1])  # ties
+        many = qs + [float(v) for v in rng.uniform(0, 100, 30)]
+        for q, value in zip(many, percentiles(values, many)):
+            assert value == float(np.percentile(values, q)), (shape, q)
+        before = values.copy()
+        percentiles(values, many)
+        np.testing.assert_array_equal(values, before)  # the caller's array is left as it was
+
+
+def test_a_batch_clips_at_the_percentiles_each_config_gets_alone(setup):
+    head, fit, fresh = setup
+    configs = [("react", {"percentile": q}) for q in (80, 85, 90, 95.5)]
+    alone = {q: float(np.percentile(fit.data.features, q)) for q in (80, 85, 90, 95.5)}
+    data = fresh()
+    data.plan = work_plan((name, get_method(name).resolve(params)) for name, params in configs)
+    from featcache.methods.react import clip_value
+
+    for q in alone:
+        assert clip_value(fit, percentile=q, percentile_of="id_train", data=data) == alone[q]
+
+
+def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch):
+    """The engine's head products on a split are the grid's floor (featcache.grid.floor_products),
+    counted by hand here: 8 for CONFIGS (SCALE multiplies too when the head is small: its float64
+    product there replaces the cached float32 logits)."""
+    from featcache.grid import floor_products
+
+    head, fit, _ = setup
+    calls = []
+    original = Head.energies
+
+    def counting(self, x, row_scales, T=1.0, n=None):
+        calls.append(len(row_scales))
+        return original(self, x, row_scales, T, n)
+
+    monkeypatch.setattr(Head, "energies", counting)
+    scored(setup, CONFIGS, True)
+    assert floor_products(CONFIGS) == 8
+    assert len(calls) == 8 + (1 if head.precise else 0)
+    calls.clear()
+    scored(setup, CONFIGS, False)  # alone, each configuration multiplies for itself
+    assert len(calls) == len(CONFIGS) - (0 if head.precise else 1)

@@ -82,7 +82,8 @@ def test_cache_swapped_between_batches_stops_the_sweep(two_caches, digits, tmp_p
 
     monkeypatch.setattr(ProgressStore, "add", add_then_swap)
     # a serial sweep runs one batch; per-method batches here, so that there is a "between batches"
-    monkeypatch.setattr("featcache.sweep.batches_for", lambda configs, parallel: batches_by_method(configs))
+    monkeypatch.setattr(importlib.import_module("featcache.sweep"), "batches_for",
+                        lambda configs, parallel: batches_by_method(configs))
     out = tmp_path / "results" / "sweep.csv"
     with pytest.raises(FeatcacheError, match="changed while"):
         run_sweep(GRID, path, out, jobs=jobs, progress=False)

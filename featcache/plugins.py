@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
+from featcache.importing import exec_file_module
 from featcache.methods import registry
 
 ENTRY_POINT_GROUP = "featcache.methods"
@@ -93,14 +93,7 @@ def import_plugin(spec: str, *, label: str | None = None, where: str = "plugins"
     try:
         with registry.registering(origin, spec):
             if is_file_spec(spec):
-                module_spec = importlib.util.spec_from_file_location(name, spec)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module  # pickling and dataclasses look a module up by name
-                try:
-                    module_spec.loader.exec_module(module)
-                except BaseException:
-                    sys.modules.pop(name, None)
-                    raise
+                exec_file_module(name, spec)
             else:
                 importlib.import_module(spec)
         _LOADED[spec] = (name, {k: m for k, m in registry.REGISTRY.items() if before.get(k) is not m})

@@ -96,8 +96,9 @@ def from_factory(factory, kwargs: dict) -> nn.Module:
     callable may be dotted (`module:Class.build`) and must return an nn.Module.
     """
     import importlib
-    import importlib.util
     import sys
+
+    from featcache.importing import exec_file_module
 
     where = f"backbone.factory {factory!r}"
     if not isinstance(factory, str) or factory.count(":") < 1 or not all(factory.rpartition(":")[::2]):
@@ -117,16 +118,7 @@ def from_factory(factory, kwargs: dict) -> nn.Module:
     sys.path.insert(0, folder)
     try:
         if target.endswith(".py"):
-            module = sys.modules.get(name)
-            if module is None:
-                module_spec = importlib.util.spec_from_file_location(name, path)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module  # dataclasses and pickling look the module up by name
-                try:
-                    module_spec.loader.exec_module(module)
-                except BaseException:
-                    del sys.modules[name]
-                    raise
+            module = sys.modules.get(name) or exec_file_module(name, path)
         else:
             module = importlib.import_module(target)
     except ModuleNotFoundError as exc:

@@ -16,7 +16,6 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 SCORE_COLUMNS = ("split", "role", "group", "id", "label", "score", "prediction")
-ROLES = ("id_train", "id_val", "id_test", "ood", "pseudo_ood")
 
 
 def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, prepool_layer: str | None = None,
@@ -86,19 +85,16 @@ def extract(model, splits: Mapping, out, *, feature_layer: str | None = None, pr
         raise FeatcacheError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(splits, Mapping) or not splits:
         raise FeatcacheError("splits must be a non-empty mapping of split name to (data, role)")
-    from featcache.extract.runner import input_channels
+    from featcache.extract.runner import input_channels, refuse_channels
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FeatcacheError(f"batch_size must be a positive integer, got {batch_size!r}")
     training = {name: module.training for name, module in model.named_modules()}
     sources = [_api_source(name, value, TorchSplit, SplitSource) for name, value in splits.items()]
-    check_roles(sources, "splits")
+    check_roles([(s.name, s.role) for s in sources], "splits")
     expected = input_channels(model)
     for source in sources:  # every split's images checked before any is written
-        image = source.load().first()
-        if expected is not None and image.shape[1] != expected:
-            raise FeatcacheError(f"{source.where}: its images have {image.shape[1]} channels, the model's first "
-                                 f"convolution takes {expected}; convert them in the data set's transform")
+        refuse_channels(source.load().first(), expected, source.where, "convert them in the data set's transform")
     kind = type(model)
     label = backbone or f"{kind.__module__}.{kind.__qualname__}"
     devices = {p.device for p in model.parameters()}
@@ -132,6 +128,8 @@ def _api_source(name, value, TorchSplit, SplitSource):
         (data, role), extra = value, {}
     else:
         raise FeatcacheError(f"splits[{name!r}]: expected (data, role) or a dict with data and role")
+    from featcache.cache.schema import ROLES
+
     if role not in ROLES:
         raise FeatcacheError(f"splits[{name!r}]: role must be one of {', '.join(ROLES)}, got {role!r}")
     attrs = {}

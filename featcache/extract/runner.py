@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import featcache
+from featcache.cache.schema import ROLES
 from featcache.cache.verify import check_logits
 from featcache.cache.writer import CacheWriter, is_disk_full
 from featcache.config import Pipeline, manifest_entry
@@ -98,7 +99,8 @@ class FeatureExtractor:
 
         if amp not in (None, *AMP_DTYPES):
             raise FeatcacheError(f"extract.amp must be one of {', '.join(AMP_DTYPES)} or empty, got {amp!r}")
-        self.model, self.layers, self.device, self.amp = model, layers, torch.device(device), amp
+        self.layers, self.device, self.amp = layers, torch.device(device), amp
+        self.channels = input_channels(model)  # what each split's images are checked against
         self.precision = amp or "float32"
         self.head = dict(model.named_modules())[layers.head]
         self.weight = self.head.weight.detach().cpu().numpy().astype(np.float32)
@@ -196,18 +198,23 @@ def probe(extractor: "FeatureExtractor", data, where: str) -> dict:
     in one line naming the data set, not deep inside the network.
     """
     image = first_image(data)
-    expected = input_channels(extractor.model)
-    if expected is not None and image.ndim == 4 and image.shape[1] != expected:
-        hint = ("set transform: {channels: %d} on it" % expected if not isinstance(data, TorchSplit)
-                else f"convert its images to {expected} channel{'s' if expected > 1 else ''}")
-        raise FeatcacheError(f"{where}: its images have {image.shape[1]} channels, the backbone's first layer "
-                             f"takes {expected}; {hint}")
+    hint = ("convert them in the data set's transform" if isinstance(data, TorchSplit)
+            else f"set transform: {{channels: {extractor.channels}}} on it")
+    refuse_channels(image, extractor.channels, where, hint)
     try:
         return extractor(image)
     except (RuntimeError, ValueError, TypeError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FeatcacheError(f"{where}: the backbone cannot take its images (shape {tuple(image.shape)}): "
                              f"{first_line}") from None
+
+
+def refuse_channels(image: torch.Tensor, expected: int | None, where: str, hint: str) -> None:
+    """One line naming the data set when its images (a batch) have other channels than the
+    backbone's first convolution takes (`expected`, None: not known)."""
+    if expected is not None and image.ndim == 4 and image.shape[1] != expected:
+        raise FeatcacheError(f"{where}: its images have {image.shape[1]} channels, the backbone's first layer "
+                             f"takes {expected}; {hint}")
 
 
 def input_channels(model: nn.Module) -> int | None:
@@ -254,28 +261,27 @@ class SplitSource:
 LABELLED_ROLES = ("train", "id_train", "id_val", "id_test")
 
 
-def check_roles(sources: list[SplitSource], where: str) -> None:
-    """A cache needs exactly one id_train, id_val and id_test split and at least one ood split."""
-    roles = [s.role for s in sources]
-    for s in sources:
-        if s.role == "train":
-            raise FeatcacheError(f"{where}: split {s.name!r} has role 'train' (backbone training only); "
+def check_roles(roles: list[tuple[str, str]], where: str) -> None:
+    """(split name, role) pairs: a cache needs exactly one id_train, id_val and id_test split and at
+    least one ood split, and no other role."""
+    for name, role in roles:
+        if role == "train":
+            raise FeatcacheError(f"{where}: split {name!r} has role 'train' (backbone training only); "
                                  "it cannot go into a cache")
-        if s.role not in ("id_train", "id_val", "id_test", "ood", "pseudo_ood"):
-            raise FeatcacheError(f"{where}: split {s.name!r} has role {s.role!r}; one of id_train, id_val, "
-                                 "id_test, ood, pseudo_ood")
+        if role not in ROLES:
+            raise FeatcacheError(f"{where}: split {name!r} has role {role!r}; one of {', '.join(ROLES)}")
+    counts = [role for _, role in roles]
     for role in ("id_train", "id_val", "id_test"):
-        if roles.count(role) != 1:
-            raise FeatcacheError(f"{where}: splits need exactly one {role} dataset, found {roles.count(role)}")
-    if "ood" not in roles:
+        if counts.count(role) != 1:
+            raise FeatcacheError(f"{where}: splits need exactly one {role} dataset, found {counts.count(role)}")
+    if "ood" not in counts:
         raise FeatcacheError(f"{where}: splits need at least one ood dataset")
 
 
 def validate_splits(pipeline: Pipeline, manifest: dict) -> None:
     """The pipeline's splits exist in its manifest and have the roles a cache needs (check_roles)."""
-    roles = [SplitSource(name, manifest_entry(manifest, name, pipeline.manifest_path)["role"], None, {}, {})
-             for name in pipeline.splits]
-    check_roles(roles, str(pipeline.path))
+    check_roles([(name, manifest_entry(manifest, name, pipeline.manifest_path)["role"]) for name in pipeline.splits],
+                str(pipeline.path))
 
 
 def pipeline_sources(pipeline: Pipeline, manifest: dict, channels: int | None) -> list[SplitSource]:

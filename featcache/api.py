@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,8 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise FeatcacheError(f"jobs must be a positive integer, got {jobs!r}")
     groups = _groups(groups)
-    with tempfile.TemporaryDirectory(prefix="featcache-sweep-") if out is None else _Keep(out) as folder:
+    scratch = tempfile.TemporaryDirectory(prefix="featcache-sweep-") if out is None else nullcontext(Path(out).parent)
+    with scratch as folder:
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
                          backend=backend, scheduler=scheduler, groups=groups, overwrite=overwrite,
@@ -279,7 +281,8 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
 
     load_plugins(_plugins(plugins))
     grid = _grid(grid)
-    with tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else _Keep(out) as folder:
+    scratch = tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else nullcontext(Path(out).parent)
+    with scratch as folder:
         target = Path(folder) / "selection.csv" if out is None else Path(out)
         rows = select_to_csv(grid, cache, target, criterion=criterion, benchmark=benchmark,
                              paper_defaults=dict(paper_defaults or {}), groups=_groups(groups), progress=progress,
@@ -409,19 +412,6 @@ def write_scores(frame, out, *, overwrite: bool = False) -> Path:
         tmp.unlink(missing_ok=True)
     write_meta(out, command="scores", **{k: v for k, v in frame.attrs.items()})
     return out
-
-
-class _Keep:
-    """A context manager yielding `path`'s folder, for the branch that keeps its files."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self):
-        return self.path.parent
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _plugins(plugins) -> list[str]:

@@ -9,6 +9,7 @@ interrupted extraction resumes where it stopped. Sample ids are the row numbers 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -71,9 +72,13 @@ class TorchSplit:
                                  "with v2.ToDtype(torch.float32, scale=True))")
         return image
 
+    @functools.cached_property
+    def _first(self) -> torch.Tensor:
+        return self._sample_image(0)
+
     def first(self) -> torch.Tensor:
-        """The first image, as a batch of one."""
-        return self._sample_image(0)[None].float()
+        """The first image, as a batch of one (read once: every check and the resume key use it)."""
+        return self._first[None].float()
 
     def identity(self) -> dict:
         """What the resume key knows of the data: its type, length, and the first and last images' bytes.
@@ -82,8 +87,8 @@ class TorchSplit:
         these, and sample ids are row numbers, so this is what tells one data set from another.
         """
         digest = hashlib.sha256()
-        for index in sorted({0, self.n - 1}):
-            digest.update(self._sample_image(index).detach().cpu().float().contiguous().numpy().tobytes())
+        for image in (self._first, self._sample_image(self.n - 1)) if self.n > 1 else (self._first,):
+            digest.update(image.detach().cpu().float().contiguous().numpy().tobytes())
         kind = type(self.dataset)
         collate = self.loader_options.get("collate_fn")
         return {"python": f"{kind.__module__}.{kind.__qualname__}", "n": self.n, "images_sha256": digest.hexdigest(),

@@ -376,7 +376,7 @@ def check_scores_path(out, overwrite: bool = False) -> Path:
 
 def write_scores(frame, out, *, overwrite: bool = False) -> Path:
     """Write a `scores` table to `out`: Parquet (.parquet, with pyarrow), CSV (.csv) or NumPy
-    (.npz, one array per column), and beside it `<stem>.meta.json` with its provenance (method,
+    (.npz, one array per column), and beside it `<out>.meta.json` with its provenance (method,
     parameters, cache fingerprint, backbone, checkpoint). An existing file is refused unless
     `overwrite`; the file appears whole or not at all."""
     import os
@@ -410,7 +410,8 @@ def write_scores(frame, out, *, overwrite: bool = False) -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    write_meta(out, command="scores", **{k: v for k, v in frame.attrs.items()})
+    # named after the whole file name: s.parquet and s.csv of two configurations keep their own
+    write_meta(out, meta_file=out.with_name(out.name + ".meta.json"), command="scores", **frame.attrs)
     return out
 
 

@@ -256,7 +256,7 @@ def scores_command(pipeline, method, params_json, out, cache_path, overwrite):
     """Write one configuration's per-sample scores on every split of PIPELINE's cache to --out.
 
     Columns: split, role, group, id, label, score (higher = more in-distribution), prediction. Its
-    provenance (method, parameters, cache fingerprint) goes to <stem>.meta.json beside it.
+    provenance (method, parameters, cache fingerprint) goes to <out>.meta.json beside it.
     """
     from featcache.api import check_scores_path, scores, write_scores
     from featcache.config import load_pipeline

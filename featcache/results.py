@@ -79,15 +79,15 @@ def read_csv(path) -> list[dict]:
     return rows
 
 
-def write_meta(results_csv: Path, **meta) -> Path:
-    """`<results>.meta.json`: where every row of the results came from. Callers give the cache's
-    `fingerprint` (and `cache_provenance` of it), the `pipeline` name where there is one, and their
-    own details; the featcache version and the UTC date are added here."""
+def write_meta(results_csv: Path, *, meta_file: Path | None = None, **meta) -> Path:
+    """`<results>.meta.json` (or `meta_file`): where every row of the results came from. Callers give
+    the cache's `fingerprint` (and `cache_provenance` of it), the `pipeline` name where there is one,
+    and their own details; the featcache version and the UTC date are added here."""
     from datetime import datetime, timezone
 
     import featcache
 
-    path = meta_path(results_csv)
+    path = Path(meta_file) if meta_file is not None else meta_path(results_csv)
     meta = {**meta, "featcache_version": featcache.__version__,
             "written_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     tmp = path.with_name(path.name + ".tmp")

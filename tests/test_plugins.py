@@ -461,7 +461,11 @@ def test_the_api_takes_one_plugin_as_a_string_and_scores_files_carry_provenance(
 
     table = featcache.scores(random_digits["h5"], "featnorm", plugins=str(PLUGIN), p=1)
     write_scores(table, tmp_path / "s.parquet")
-    meta = json.loads((tmp_path / "s.meta.json").read_text())
+    meta = json.loads((tmp_path / "s.parquet.meta.json").read_text())
     with h5py.File(random_digits["h5"], "r") as fh:
         assert meta["fingerprint"] == fh.attrs["fingerprint"] and meta["backbone"] == fh.attrs["backbone"]
     assert meta["method"] == "featnorm" and json.loads(meta["params"]) == {"p": 1} and meta["command"] == "scores"
+    # another configuration beside it, same stem: each file keeps its own meta file
+    write_scores(featcache.scores(random_digits["h5"], "energy"), tmp_path / "s.csv")
+    assert json.loads((tmp_path / "s.parquet.meta.json").read_text())["method"] == "featnorm"
+    assert json.loads((tmp_path / "s.csv.meta.json").read_text())["method"] == "energy"

@@ -138,3 +138,40 @@ def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch)
     calls.clear()
     scored(setup, CONFIGS, False)  # alone, each configuration multiplies for itself
     assert len(calls) == len(CONFIGS) - (0 if head.precise else 1)
+
+
+def brute_top_k(x, k):
+    """The k largest entries of each row, equal values taken lowest index first (a stable sort)."""
+    mask = np.zeros(x.shape, dtype=bool)
+    for row, values in enumerate(x):
+        mask[row, np.argsort(-values, kind="stable")[:k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("tied_rows", [0.0, 0.2, 0.9, 1.0])
+def test_top_k_mask_breaks_ties_lowest_index_first_on_every_path(tied_rows):
+    # no row tied, a few (gathered), most (broken on every row), all: each path against a stable sort
+    from featcache.methods.ash import top_k_mask
+
+    rng = np.random.default_rng(11)
+    n, d = 300, 77  # rows that do not fill a whole number of packed bytes
+    x = rng.permuted(np.tile(np.arange(d, dtype=np.float32), (n, 1)), axis=1)  # distinct values per row
+    tie = rng.random(n) < tied_rows
+    x[tie] = np.round(rng.normal(size=(int(tie.sum()), d)) * 2).clip(0).astype(np.float32) / 2  # ties, zeros
+    for k in (1, 5, 38, 60, 76):
+        expected = brute_top_k(x, k)
+        assert np.array_equal(top_k_mask(x, k), expected)
+        pruned = np.where(top_k_mask(x, k, zero_ties=False), x, 0)
+        assert np.array_equal(pruned, np.where(expected, x, 0))
+
+
+def test_first_true_is_a_running_count():
+    from featcache.methods.ash import count_true, first_true
+
+    rng = np.random.default_rng(12)
+    for _ in range(200):
+        rows, d = rng.integers(1, 30), rng.integers(1, 70)
+        flags = rng.random((rows, d)) < rng.random()
+        need = rng.integers(-1, d + 2, size=rows)
+        assert np.array_equal(first_true(flags, need), flags & (np.cumsum(flags, axis=1) <= need[:, None]))
+        assert np.array_equal(count_true(flags), flags.sum(axis=1))

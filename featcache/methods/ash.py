@@ -64,8 +64,8 @@ def sort_descending(x: np.ndarray) -> np.ndarray:
 def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zero_ties: bool = True) -> np.ndarray:
     """Boolean (N, D) mask of the k largest entries per row; among equal values, lowest index first.
 
-    With zero_ties=False, ties at a k-th value of 0 are not broken (all zeros kept): for pruning that
-    changes nothing, as kept and dropped zeros are both zero, and it saves the work.
+    With zero_ties=False, ties at a k-th value of 0 need not be broken (all zeros may be kept): for
+    pruning that changes nothing, as kept and dropped zeros are both zero, and it can save the work.
     """
     n, d = x.shape
     if k <= 0:
@@ -74,25 +74,63 @@ def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zer
         return np.ones_like(x, dtype=bool)
     if sorted_desc is None:
         sorted_desc = sort_descending(x)
-    kth = sorted_desc[:, k - 1]
-    mask = x >= kth[:, None]
+    return mask_from_kth(x, k, sorted_desc[:, k - 1], sorted_desc[:, k], zero_ties)
+
+
+def mask_from_kth(x: np.ndarray, k: int, kth: np.ndarray, after: np.ndarray, zero_ties: bool = True) -> np.ndarray:
+    """`top_k_mask` from each row's k-th and (k+1)-th largest values, 0 < k < D."""
     # Where the (k+1)-th value equals the k-th, more entries tie than there is room for.
-    ties = sorted_desc[:, k] == kth
+    ties = after == kth
     if not zero_ties:
         ties &= kth != 0
     tie_rows = np.flatnonzero(ties)
-    if tie_rows.size:
-        every = tie_rows.size == n  # common for clipped features or many zeros: no copy of the rows then
-        sub, sub_kth = (x, kth[:, None]) if every else (x[tie_rows], kth[tie_rows, None])
-        above = sub > sub_kth
-        tied = sub == sub_kth
-        need = k - above.sum(axis=1, keepdims=True)
-        rank = np.cumsum(tied, axis=1, dtype=np.int16 if d < 2**15 else np.int32)  # narrow: less memory traffic
-        chosen = above | (tied & (rank <= need))
-        if every:
-            return chosen
-        mask[tie_rows] = chosen
+    if not tie_rows.size:
+        return x >= kth[:, None]
+    if 2 * tie_rows.size >= len(x):
+        # Most rows tie (clipped features, many zeros): breaking ties on every row costs less than
+        # gathering the tied ones; a row without ties keeps all its entries >= kth as it should.
+        return break_ties(x, k, kth[:, None])
+    mask = x >= kth[:, None]
+    mask[tie_rows] = break_ties(x[tie_rows], k, kth[tie_rows, None])
     return mask
+
+
+def break_ties(x: np.ndarray, k: int, kth: np.ndarray) -> np.ndarray:
+    """The k largest entries of each row: all above the row's k-th value `kth`, then the entries equal
+    to it from the lowest index until there are k."""
+    above = x > kth
+    return above | first_true(x == kth, k - count_true(above))
+
+
+# Bit tables for rows of flags packed eight to a byte (np.packbits: column 8j + t is bit 7 - t of byte j).
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
+_NTH_SET = np.full((256, 9), 8, dtype=np.int64)  # [byte, r]: column offset 0-7 of its r-th set bit
+for _byte in range(256):
+    for _r, _t in enumerate((t for t in range(8) if _byte >> (7 - t) & 1), 1):
+        _NTH_SET[_byte, _r] = _t
+
+
+def count_true(flags: np.ndarray) -> np.ndarray:
+    """flags.sum(axis=1) of a 2-D boolean array, counted on its packed bytes."""
+    return _POPCOUNT[np.packbits(flags, axis=1)].sum(axis=1, dtype=np.int64)
+
+
+def first_true(flags: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """flags with only the first need[i] True entries of each row i kept (all of them if fewer).
+
+    The same as flags & (np.cumsum(flags, axis=1) <= need[:, None]), a fifth of the work: the cut is
+    found on the packed bytes' running counts, then inside its byte from a table.
+    """
+    rows, d = flags.shape
+    packed = np.packbits(flags, axis=1)
+    running = np.cumsum(_POPCOUNT[packed], axis=1, dtype=np.int32)
+    byte = np.count_nonzero(running < need[:, None], axis=1)  # the byte holding the need-th True
+    inside = np.minimum(byte, packed.shape[1] - 1)
+    at = np.arange(rows)
+    before = np.where(byte > 0, running[at, np.maximum(byte - 1, 0)], 0)
+    nth = _NTH_SET[packed[at, inside], np.clip(need - before, 0, 8)]
+    cut = np.where(need <= 0, 0, np.where(byte >= packed.shape[1], d, 8 * inside + nth + 1))
+    return flags & (np.arange(d) < cut[:, None])
 
 
 def ash_prune(x: np.ndarray, p: float, sorted_desc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:

@@ -56,13 +56,16 @@ class Head:
         weight_t = self.weight.T.astype(dtype)
 
         def product(start, stop):
-            return (np.asarray(rows(start, stop), dtype=dtype) @ weight_t).astype(np.float64, copy=False)
+            return np.asarray(rows(start, stop), dtype=dtype) @ weight_t
 
         def finish_with(row_scale):
-            def finish(z, start, stop):
-                if row_scale is not None:
-                    z *= row_scale[start:stop, None]
-                z += self.bias
+            # in float64, as (float64 product) * r + b: the very operations of the model's logits
+            def finish(z, out, index):
+                if row_scale is None:
+                    np.add(z, self.bias, out=out, dtype=np.float64)
+                else:
+                    np.multiply(z, row_scale[index, None], out=out, dtype=np.float64)
+                    out += self.bias
             return finish
 
         return energy_blocks_shared(product, [finish_with(r) for r in row_scales], len(x) if n is None else n, T)

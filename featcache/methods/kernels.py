@@ -103,36 +103,39 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
     return out
 
 
-def energy_blocks(block: Callable, n: int, T: float = 1.0):
-    """(energy, argmax) of float64 logits produced `block(start, stop)` at a time, on all cores."""
-    return energy_blocks_shared(block, [None], n, T)[0]
-
-
 def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1.0) -> list:
     """[(energy, argmax)] for each `finish` of one `product`, a block of rows at a time, on all cores.
 
-    product(start, stop) -> float64 rows (a head product, computed once per block however many
-    configurations use it); finish(z, start, stop) turns a copy of them into one configuration's
-    logits in place (a per-row scale, the bias), or None to take them as they are. Each configuration
-    gets exactly the numbers `energy_blocks` gives for product-then-finish as one block function.
+    product(start, stop) -> rows start:stop (a head product, computed once per block however many
+    configurations use it, in float32 or float64); finish(rows, out, index) writes one
+    configuration's float64 logits of `rows` (the split's rows `index`, a slice or indices) into
+    `out` (a per-row scale, the bias), or None to take them as they are. Each configuration gets
+    exactly the numbers of its own product, finish and logsumexp done alone.
+
+    Every configuration is finished and reduced LSE_BLOCK rows at a time in one buffer that stays in
+    the CPU cache, instead of a float64 copy of the whole block per configuration.
     """
     outs = [(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes]
 
-    def logits_of(finish, z, start, stop):
-        if finish is not None:
-            finish(z, start, stop)
-        return z
+    def logits_into(finish, rows, out, index):
+        if finish is None:
+            out[...] = rows
+        else:
+            finish(rows, out, index)
+        return out
 
     def run(start, stop):
-        z0 = product(start, stop)
-        for i, (finish, (scores, predictions)) in enumerate(zip(finishes, outs)):
-            z = logits_of(finish, z0 if i == len(finishes) - 1 else z0.copy(), start, stop)
-            for a in range(0, len(z), LSE_BLOCK):
-                sub = z[a : a + LSE_BLOCK]
-                rows = slice(start + a, start + a + len(sub))
-                predictions[rows] = sub.argmax(axis=1)
-                scores[rows] = _energy_inplace(
-                    sub, T, lambda low, a=a, f=finish: logits_of(f, product(start, stop), start, stop)[a + low])
+        block = product(start, stop)
+        buffer = np.empty((min(LSE_BLOCK, len(block)),) + block.shape[1:])
+        for a in range(0, len(block), LSE_BLOCK):
+            rows = block[a : a + LSE_BLOCK]
+            index = slice(start + a, start + a + len(rows))
+            for finish, (scores, predictions) in zip(finishes, outs):
+                z = logits_into(finish, rows, buffer[: len(rows)], index)
+                predictions[index] = z.argmax(axis=1)
+                scores[index] = _energy_inplace(
+                    z, T, lambda low, f=finish, rows=rows, first=index.start:
+                    logits_into(f, rows[low], np.empty((len(low),) + rows.shape[1:]), first + low))
 
     map_row_blocks(run, n)
     return outs

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import keep_count, sharpen_scale, sorted_features, top_k_mask
+from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, sorted_features, top_k_mask
 from featcache.methods.data import Output
 from featcache.methods.kernels import row_reduce
 from featcache.errors import FeatcacheError
@@ -79,7 +79,10 @@ def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
         return react_features(x[start:stop], c)
 
     def mask(start, stop):
-        return top_k_mask(rows(start, stop), k, np.minimum(srt[start:stop], c))
+        if k <= 0 or k >= x.shape[1]:
+            return top_k_mask(x[start:stop], k)
+        kth, after = np.minimum(srt[start:stop, k - 1], c), np.minimum(srt[start:stop, k], c)
+        return mask_from_kth(rows(start, stop), k, kth, after)
 
     return rows, mask, k
 

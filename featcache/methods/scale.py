@@ -16,7 +16,7 @@ import numpy as np
 
 from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, top_k_sums
 from featcache.methods.data import Output
-from featcache.methods.kernels import energy_blocks
+from featcache.methods.kernels import energy_blocks_shared
 from featcache.methods.registry import register
 
 
@@ -32,7 +32,9 @@ def scale(data, head, fit, p):
         return Output(*head.energy(data.features, row_scale=r))
     f, b = data.logits, head.bias.astype(np.float64)
 
-    def block(start, stop):
-        return (f[start:stop].astype(np.float64) - b) * r[start:stop, None] + b
+    def finish(logits, out, index):
+        np.subtract(logits, b, out=out, dtype=np.float64)
+        out *= r[index, None]
+        out += b
 
-    return Output(*energy_blocks(block, len(f)))
+    return Output(*energy_blocks_shared(lambda start, stop: f[start:stop], [finish], len(f))[0])

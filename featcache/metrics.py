@@ -45,8 +45,12 @@ class SortedScores:
             raise FeatcacheError(f"{int(np.isnan(scores).sum())} scores are NaN")
         self.sorted = np.sort(scores)
         self.n = len(scores)
-        # distinct values ascending, and how many scores take each
-        self.values, self.counts = np.unique(self.sorted, return_counts=True)
+        # distinct values ascending, how many scores take each, and how many are <= each (np.unique's
+        # values and counts, from the sort already made)
+        starts = np.flatnonzero(np.concatenate(([True], self.sorted[1:] != self.sorted[:-1])))
+        self.values = self.sorted[starts]
+        self.up_to = np.append(starts[1:], self.n)  # at_most(values), without a search
+        self.counts = np.diff(starts, append=self.n)
 
     def at_least(self, t):
         """How many scores are >= t, for each t."""
@@ -68,21 +72,22 @@ def ood_metrics(id_scores, ood_scores) -> dict:
     threshold = ids.sorted[round(ID_REJECTED * ids.n)]
     fpr95 = float((ood.n - ood.at_most(threshold)) / ood.n)
     # AUROC = P(ID > OOD) + P(ID = OOD) / 2, counted per distinct OOD value
-    below = ids.n - ids.at_least(ood.values)  # ID scores strictly below each OOD value
-    ties = ids.at_most(ood.values) - below
+    # each other's distinct values placed among the sorted scores once (a split's own need no search)
+    id_ge_ood, id_le_ood = ids.at_least(ood.values), ids.at_most(ood.values)
+    ood_ge_id, ood_le_id = ood.at_least(ids.values), ood.at_most(ids.values)
+    below = ids.n - id_ge_ood  # ID scores strictly below each OOD value
+    ties = id_le_ood - below
     auroc = float(np.sum(ood.counts * (ids.n - below - ties + 0.5 * ties)) / (ids.n * ood.n))
     # AUIN: recall drops only at ID values u, by count(u) / n_id, from the point at u (tp = #ID >= u,
     # fp = #OOD >= u) to the next one (#ID > u, #OOD > u); the trapezoid averages the two precisions
     # (0 after the last point, the reference's closing (0, 0)).
-    aupr_in = float(np.sum(ids.counts / ids.n * (_ratio(ids.at_least(ids.values), ood.at_least(ids.values)) +
-                                                 _ratio(ids.n - ids.at_most(ids.values),
-                                                        ood.n - ood.at_most(ids.values))) / 2))
+    aupr_in = float(np.sum(ids.counts / ids.n * (_ratio(ids.n - ids.up_to + ids.counts, ood_ge_id) +
+                                                 _ratio(ids.n - ids.up_to, ood.n - ood_le_id)) / 2))
     # AUOUT: OOD positive among the samples below each threshold; the x axis (1 - fpr) moves only at
     # OOD values o, by count(o) / n_ood, from (#OOD < o, #ID < o) to (#OOD <= o, #ID <= o); the first
     # point is the reference's (0, 0).
-    ood_lt, id_lt = ood.n - ood.at_least(ood.values), ids.n - ids.at_least(ood.values)
-    aupr_out = float(np.sum(ood.counts / ood.n * (_ratio(ood_lt, id_lt) +
-                                                  _ratio(ood.at_most(ood.values), ids.at_most(ood.values))) / 2))
+    ood_lt, id_lt = ood.up_to - ood.counts, ids.n - id_ge_ood
+    aupr_out = float(np.sum(ood.counts / ood.n * (_ratio(ood_lt, id_lt) + _ratio(ood.up_to, id_le_ood)) / 2))
     return {"fpr95": fpr95, "auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out}
 
 

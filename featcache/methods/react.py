@@ -78,11 +78,12 @@ def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
     def rows(start, stop):
         return react_features(x[start:stop], c)
 
-    def mask(start, stop):
+    def mask(start, stop, clipped=None):
+        """The mask of rows start:stop; `clipped`: those rows, when already made."""
         if k <= 0 or k >= x.shape[1]:
             return top_k_mask(x[start:stop], k)
         kth, after = np.minimum(srt[start:stop, k - 1], c), np.minimum(srt[start:stop, k], c)
-        return mask_from_kth(rows(start, stop), k, kth, after)
+        return mask_from_kth(rows(start, stop) if clipped is None else clipped, k, kth, after)
 
     return rows, mask, k
 
@@ -112,7 +113,8 @@ def clipped_pruned_output(data, head, fit, p, clip_params, variant):
         n = len(data.features)
 
         def pruned(start, stop):
-            return np.where(mask(start, stop), rows(start, stop), np.float32(0))
+            block = rows(start, stop)
+            return block * mask(start, stop, block)  # as ASH's pruning (np.where costs six times more)
 
         scales, shaped = [None] * len(variants), pruned
         if "react+ash_s" in variants:

@@ -168,11 +168,13 @@ def sweep(pipeline, cache_path, out, jobs, backend, scheduler, overwrite, quiet)
     Finished configurations are kept (keyed by cache fingerprint, method and parameters), so an
     interrupted sweep, run again, computes only what is missing.
     """
+    from featcache.allocator import keep_freed_memory
     from featcache.config import load_pipeline
     from featcache.sweep import run_sweep
     from featcache.results import provenance_line
     from featcache.tables import format_table
 
+    keep_freed_memory()
     spec = load_pipeline(pipeline)
     out = out or spec.results_dir / "sweep.csv"
     with next_step(pipeline, cache_path):
@@ -202,10 +204,12 @@ def select_command(pipeline, cache_path, out, criterion, overwrite, quiet):
 
     Shows the chosen configuration beside the papers' default and the oracle (best on test OOD).
     """
+    from featcache.allocator import keep_freed_memory
     from featcache.config import load_pipeline
     from featcache.results import provenance_line
     from featcache.select import format_selection, select_to_csv
 
+    keep_freed_memory()
     spec = load_pipeline(pipeline)
     spec.load_plugins()  # before any work: the grid may name their methods
     options = dict(spec.raw.get("select") or {})

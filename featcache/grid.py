@@ -83,14 +83,6 @@ def base_config(name: str, params: dict) -> tuple[str, dict]:
     return name, params
 
 
-SORTS = {"ash_p", "ash_b", "ash_s", "scale", "react+ash_p", "react+ash_b", "react+ash_s"}
-
-
-def uses_sort(name: str) -> bool:
-    """Whether the method (or nap+ of it) shapes from the split's sorted features."""
-    return base_config(name, {})[0] in SORTS
-
-
 def work_plan(configs) -> frozenset:
     """{(method, params key)} of the configurations' base methods: what a split's shared work serves."""
     return frozenset((base, params_key(params)) for base, params in

@@ -8,7 +8,7 @@ import numpy as np
 
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
-from featcache.grid import base_config, params_key, uses_sort, work_plan
+from featcache.grid import base_config, params_key, work_plan
 from featcache.methods.data import Fit, Head, SplitData
 from featcache.methods.nap import shared_output
 from featcache.methods.registry import Method, get_method
@@ -53,7 +53,8 @@ def refuse_flat_prepool(replay: Replay, method_names) -> None:
 
 
 def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
-    """Reads arrays of `split` on demand, refusing NaN or Inf with a count and the first sample id.
+    """(load(key), load_rows(key, start, stop)): arrays of `split` read on demand, whole or a run of
+    rows at a time, refusing NaN or Inf with a count and the first sample id.
 
     Seconds spent reading are added to read_clock[0] when it is given.
     """
@@ -61,13 +62,17 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
 
     flat = flat_prepool(cache)
 
-    def load(key):
+    def read(key, rows=slice(None)):
         if key == "chan_max" and flat:
             raise FeatcacheError(f"split {split.name!r}: {flat}")  # the last guard, for callers that skip the check
         started = time.perf_counter()
-        values = split.read(key)
+        values = split.read(key, rows)
         if read_clock is not None:
             read_clock[0] += time.perf_counter() - started
+        return values
+
+    def load(key):
+        values = read(key)
         # A NaN or Inf anywhere makes the float64 sum non-finite: one fast pass finds out, and only
         # then is the count and the first bad sample looked for.
         if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
@@ -79,7 +84,13 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
                                      f"NaN or Inf values in {len(rows)} samples, first in sample {first!r}")
         return values
 
-    return load
+    def load_rows(key, start, stop):
+        values = read(key, slice(start, stop))  # the whole dataset's checksum is checked on the first run
+        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
+            load(key)  # raises, with the count and first bad sample of the whole array
+        return values
+
+    return load, load_rows
 
 
 def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None) -> SplitData:
@@ -89,7 +100,8 @@ def split_data(cache: Cache, split: Split, width: int, read_clock: list | None =
     if d != width:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
     same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
-    return SplitData(split.name, loader=split_loader(cache, split, read_clock), same_as=same)
+    load, load_rows = split_loader(cache, split, read_clock)
+    return SplitData(split.name, loader=load, row_loader=load_rows, same_as=same)
 
 
 def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list | None = None) -> Replay:
@@ -211,9 +223,6 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         plan = work_plan(configs)
         nap_bases = {(name, params_key(base_config(name, params)[1])) for name, params in configs
                      if name.startswith("nap+")}
-        # configurations that need the split's sorted features last, so that the sort (an (N, D)
-        # array) is made after NAP's pre-pool maxima (another) are released, never held with them
-        work_order = sorted(range(len(methods)), key=lambda i: uses_sort(methods[i][0].name))
 
         def scored(method, params, data):
             """The method's output; kept on the split when a nap+ configuration of the batch
@@ -228,8 +237,7 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
             # the batch's configurations: a product computed for one of them serves those sharing it
             data.plan = plan
             found = [None] * len(methods)
-            for i in work_order:
-                (method, params), count = methods[i], counts[i]
+            for i, ((method, params), count) in enumerate(zip(methods, counts)):
                 key = params_key(params)
                 saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
                 if saved is None:

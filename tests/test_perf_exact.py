@@ -175,3 +175,27 @@ def test_first_true_is_a_running_count():
         need = rng.integers(-1, d + 2, size=rows)
         assert np.array_equal(first_true(flags, need), flags & (np.cumsum(flags, axis=1) <= need[:, None]))
         assert np.array_equal(count_true(flags), flags.sum(axis=1))
+
+
+def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
+    # never the whole (N, C) array: NAP's score from runs of rows equals the formula on the whole
+    from featcache.methods.nap import shared_nap_score
+
+    rng = np.random.default_rng(13)
+    n, c = 5000, 24  # three runs of STREAM_ROWS, the last one short
+    arrays = {"chan_mean": rng.random((n, c)).astype(np.float32), "logits": np.zeros((n, 3), np.float32)}
+    arrays["chan_max"] = arrays["chan_mean"] * (1 + rng.exponential(size=(n, c))).astype(np.float32)
+    whole, runs = [], []
+
+    def load(key):
+        whole.append(key)
+        return arrays[key]
+
+    def load_rows(key, start, stop):
+        runs.append((key, start, stop))
+        return arrays[key][start:stop]
+
+    data = SplitData("s", loader=load, row_loader=load_rows)
+    ratio = arrays["chan_max"].astype(np.float64) / (arrays["chan_mean"].astype(np.float64) + 1.0)
+    assert np.array_equal(shared_nap_score(data, 1.0), (ratio**2).mean(axis=1))
+    assert "chan_max" not in whole and [r[1:] for r in runs] == [(0, 2048), (2048, 4096), (4096, 5000)]

@@ -72,14 +72,18 @@ class Head:
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
+STREAM_ROWS = 2048  # rows per run of `SplitData.row_runs`: 16 MB of a 2048-wide float32 array
 
 
 class SplitData:
-    """One split's arrays, given directly or read on first use through `loader(name)`."""
+    """One split's arrays, given directly or read on first use through `loader(name)`; runs of rows
+    of an array not held are read with `row_loader(name, start, stop)` (see `row_runs`)."""
 
-    def __init__(self, name: str, loader: Callable | None = None, same_as: dict | None = None, **arrays):
+    def __init__(self, name: str, loader: Callable | None = None, same_as: dict | None = None,
+                 row_loader: Callable | None = None, **arrays):
         self.name = name
         self._loader = loader
+        self._row_loader = row_loader
         self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
         self._memo: dict = {}
         # (method, params key) of every configuration the batch scores on this split, nap+X as X:
@@ -100,12 +104,15 @@ class SplitData:
 
         return (method, json.dumps(params, sort_keys=True)) in self.plan
 
-    def release(self, key: str) -> None:
-        """Drop array `key` when it was read from the cache (it is read again if asked for): e.g. the
-        pre-pool maxima once NAP's score is memoised, so that they and the sorted features are
-        never held together."""
-        if self.__dict__.get("_loader") is not None and key in ARRAYS and key not in self._same_as.values():
-            self.__dict__.pop(key, None)
+    def row_runs(self, key: str, rows: int = STREAM_ROWS):
+        """(start, stop, rows of array `key`) over the split, `rows` at a time: an array read only to be
+        reduced row by row (NAP's pre-pool maxima) is read a run at a time when it is not held, so
+        that it never takes the memory of a whole split."""
+        key = self._same_as.get(key, key)
+        held = key in self.__dict__ or self.__dict__.get("_row_loader") is None
+        for start in range(0, len(self), rows):
+            stop = min(start + rows, len(self))
+            yield start, stop, getattr(self, key)[start:stop] if held else self._row_loader(key, start, stop)
 
     def __getattr__(self, key):
         # only reached when the attribute is not set yet

@@ -81,15 +81,17 @@ def logsumexp_rows(z: np.ndarray) -> np.ndarray:
     return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
 
 
-def _energy_inplace(z: np.ndarray, T: float, reload: Callable) -> np.ndarray:
-    """T * logsumexp(z / T) per row of float64 `z`, which is overwritten.
+def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray | None = None) -> np.ndarray:
+    """T * logsumexp(rows / T) per row, in float64, worked out in the float64 buffer `z` (rows' shape),
+    which is overwritten; `rows` is z itself when not given.
 
     Shifted by the block's largest value, a scalar (cheaper than a per-row maximum): every term is
     then at most 1, so nothing overflows. Rows whose own maximum lies so far below that their sum
     underflows are redone from `reload(rows)`, the original values, each with its own shift.
     """
-    top = z.max()
-    z -= top
+    rows = z if rows is None else rows
+    top = np.float64(rows.max())  # a float32 maximum is exact in float64: the same as the cast rows'
+    np.subtract(rows, top, out=z, dtype=np.float64)  # cast and shift in one pass
     if T != 1:
         z *= 1.0 / T  # a multiply is several times cheaper than a divide
     sums = np.exp(z, out=z).sum(axis=1)
@@ -146,10 +148,11 @@ def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
     out = np.empty(len(logits))
 
     def run(start, stop):
+        buffer = np.empty((min(LSE_BLOCK, stop - start), logits.shape[1]))
         for a in range(start, stop, LSE_BLOCK):
             b = min(a + LSE_BLOCK, stop)
-            out[a:b] = _energy_inplace(logits[a:b].astype(np.float64), T,
-                                       lambda low, a=a: logits[a + low].astype(np.float64))
+            out[a:b] = _energy_inplace(buffer[: b - a], T, lambda low, a=a: logits[a + low].astype(np.float64),
+                                       rows=logits[a:b])
 
     map_row_blocks(run, len(logits))
     return out

@@ -66,9 +66,11 @@ def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, form: str = "pa
 
 def shared_nap_score(data, eps):
     def compute():
-        mx, mn = data.chan_max, data.chan_mean
-        score = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), len(mx))
-        data.release("chan_max")  # read for this alone: not held while the rest of the batch runs
+        # the pre-pool maxima are read for this alone: a run of rows at a time, never held whole
+        score = np.empty(len(data))
+        for start, stop, mx in data.row_runs("chan_max"):
+            mn = data.chan_mean[start:stop]
+            score[start:stop] = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), stop - start)
         return score
 
     return data.memo(("nap", eps), compute)

@@ -199,3 +199,18 @@ def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
     ratio = arrays["chan_max"].astype(np.float64) / (arrays["chan_mean"].astype(np.float64) + 1.0)
     assert np.array_equal(shared_nap_score(data, 1.0), (ratio**2).mean(axis=1))
     assert "chan_max" not in whole and [r[1:] for r in runs] == [(0, 2048), (2048, 4096), (4096, 5000)]
+
+
+def test_dice_heads_of_a_batch_are_each_np_percentiles():
+    # one contribution matrix and one partition for every p: each head as DICE's formula gives it alone
+    from featcache.methods.dice import dice_heads
+
+    rng = np.random.default_rng(14)
+    w = rng.normal(size=(30, 40)).astype(np.float32)
+    w[:, :5] = 0.0  # tied contributions
+    mean = np.abs(rng.normal(size=40))
+    head = Head(w, np.zeros(30, np.float32))
+    ps = [50, 70.5, 90, 99]
+    for p, sparse in zip(ps, dice_heads(head, mean, ps)):
+        contrib = mean[None, :] * w.astype(np.float64)
+        assert np.array_equal(sparse.weight, np.where(contrib > np.percentile(contrib, p), w, 0))

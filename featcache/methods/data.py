@@ -142,6 +142,10 @@ class Fit:
     def memo(self, key, compute):
         return self.data.memo(("fit",) + tuple(key), compute)
 
+    def has(self, key) -> bool:
+        """Whether `memo(key, ...)` has its value already."""
+        return ("fit",) + tuple(key) in self.data._memo
+
     def split(self, role: str) -> SplitData:
         """The fitted-on split of `role`: id_train, or id_val when the cache has one."""
         if role == "id_train":
@@ -156,7 +160,7 @@ class Fit:
         """np.percentile (linear) over every entry of the features of `of` (id_train or id_val):
         ReAct's clip. The percentiles `also` (others the batch will ask for) are computed with it, from
         one partition of the values instead of one each."""
-        missing = [v for v in dict.fromkeys([q, *also]) if ("fit", "percentile", of, v) not in self.data._memo]
+        missing = [v for v in dict.fromkeys([q, *also]) if not self.has(("percentile", of, v))]
         if len(missing) > 1:
             for v, value in zip(missing, percentiles(self.split(of).features, missing)):
                 self.memo(("percentile", of, v), lambda value=value: value)

@@ -12,21 +12,42 @@ from the DICE paper; the DICE reference code's demo-cifar.sh runs both with --p 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-from featcache.methods.data import Head, Output
+from featcache.methods.data import Head, Output, percentiles
 from featcache.methods.registry import register
 
 DICE_PAPER = {"imagenet": {"p": 70}, "cifar10": {"p": 90}, "cifar100": {"p": 90}}
 
 
 def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
+    return dice_heads(head, mean_feature, [p])[0]
+
+
+def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
+    """The sparsified head at each p of `ps`, from one contribution matrix and one partition of it
+    (`percentiles` gives np.percentile's numbers to the last bit)."""
     contrib = mean_feature[None, :] * head.weight.astype(np.float64)
-    threshold = np.percentile(contrib, p)
-    return Head(np.where(contrib > threshold, head.weight, 0).astype(np.float32), head.bias)
+    return [Head(np.where(contrib > threshold, head.weight, 0).astype(np.float32), head.bias)
+            for threshold in percentiles(contrib, ps)]
+
+
+def planned_ps(data) -> list:
+    """The p of every DICE configuration (nap+dice's included) of data's batch."""
+    return [json.loads(key)["p"] for name, key in getattr(data, "plan", ()) if name == "dice"]
 
 
 @register("dice", defaults={"p": 90}, paper=DICE_PAPER)
 def dice(data, head, fit, p):
-    sparse = fit.memo(("dice_head", p), lambda: dice_head(head, fit.mean_feature, p))
-    return Output(*sparse.energy(data.features))
+    def with_the_batch():
+        # the heads at the batch's other p are made in the same pass, as ReAct's clips are
+        ps = [q for q in dict.fromkeys([p, *planned_ps(data)]) if q == p or not fit.has(("dice_head", q))]
+        heads = dict(zip(ps, dice_heads(head, fit.mean_feature, ps)))
+        for q, sparse in heads.items():
+            if q != p:
+                fit.memo(("dice_head", q), lambda sparse=sparse: sparse)
+        return heads[p]
+
+    return Output(*fit.memo(("dice_head", p), with_the_batch).energy(data.features))

@@ -17,18 +17,29 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_predictions
-from featcache.methods.kernels import logsumexp_rows, row_reduce
+from featcache.methods.kernels import LSE_BLOCK, row_reduce
 from featcache.methods.registry import register
 
 
 def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.ndarray | None = None) -> np.ndarray:
     """`l1`: ||x||_1 per row when already known (it does not depend on T)."""
-    z = np.asarray(logits, dtype=np.float64) / T
-    probs = np.exp(z - logsumexp_rows(z)[:, None])
-    k = z.shape[1]
     if l1 is None:
         l1 = feature_l1(x)
-    return (k / T) * np.abs(probs - 1.0 / k).sum(axis=1) * l1
+    out = np.empty(len(logits))
+    # LSE_BLOCK rows at a time in two buffers that stay in the CPU cache, in place: the very
+    # operations of the formula, so the same numbers, without (N, K) float64 temporaries
+    z, e = np.empty((2, min(LSE_BLOCK, len(logits)), np.shape(logits)[1]))
+    for a in range(0, len(logits), LSE_BLOCK):
+        rows = slice(a, a + LSE_BLOCK)
+        zr, er = z[: len(logits[rows])], e[: len(logits[rows])]
+        np.divide(logits[rows], T, out=zr, dtype=np.float64)
+        top = zr.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(np.subtract(zr, top, out=er), out=er).sum(axis=1))  # logsumexp per row
+        probs = np.exp(np.subtract(zr, lse[:, None], out=er), out=er)
+        k = zr.shape[1]
+        probs -= 1.0 / k
+        out[rows] = (k / T) * np.abs(probs, out=probs).sum(axis=1) * l1[rows]
+    return out
 
 
 def feature_l1(x: np.ndarray) -> np.ndarray:

@@ -75,12 +75,6 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
             future.result()
 
 
-def logsumexp_rows(z: np.ndarray) -> np.ndarray:
-    """log(sum_j exp(z_j)) per row, shifted by the row maximum so it cannot overflow."""
-    top = z.max(axis=1, keepdims=True)
-    return top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
-
-
 def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray | None = None) -> np.ndarray:
     """T * logsumexp(rows / T) per row, in float64, worked out in the float64 buffer `z` (rows' shape),
     which is overwritten; `rows` is z itself when not given.

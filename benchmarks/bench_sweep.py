@@ -4,7 +4,8 @@
    id_train 10,000, id_val 5,000, D = C = 2048, K = 1000 (benchmarks/synthetic.py).
 2. Times one dense float32 product of all evaluated samples (id_test and ood, 90,000) with the head:
    the unit of every figure.
-3. For each of two grids (the benchmark's 100 configurations, and another mix): counts its floor,
+3. For each of three grids (the benchmark's 100 configurations, another mix, and 100 configurations
+   shaped as the issue's own check describes its grid): counts its floor,
    the distinct dense products its configurations need (featcache.grid.floor_products), times one
    verified read of the arrays it reads, then sweeps it in a fresh process with an empty progress
    store, timing it and reading the process's own peak resident memory.
@@ -58,7 +59,26 @@ GRID2 = {
     "scale": {"p": [80, 85, 90]},
     "msp": {}, "maxlogit": {}, "energy": {"T": [1]},
 }
-GRIDS = {"grid 1 (the benchmark's)": (GRID, "<= 40 products"), "grid 2 (another mix)": (GRID2, "<= floor + 25%")}
+# A third, shaped as the issue describes its own check's grid (its values are ours): ASH-P/B/S ten p each,
+# ReAct eight percentiles, react+ash_s six, DICE eight, SCALE eight, energy five T, GradNorm three T,
+# RG twelve, RG-add eight, nap+energy nine w, NAP, MSP, MaxLogit.
+GRID3 = {
+    "ash_p": {"p": [40, 50, 60, 65, 70, 75, 80, 85, 90, 95]},
+    "ash_b": {"p": [40, 50, 60, 65, 70, 75, 80, 85, 90, 95]},
+    "ash_s": {"p": [40, 50, 60, 65, 70, 75, 80, 85, 90, 95]},
+    "react": {"percentile": [70, 75, 80, 85, 90, 95, 97, 99]},
+    "react+ash_s": {"clip": [1.0, 1.5], "p": [85, 90, 95]},
+    "dice": {"p": [30, 40, 50, 60, 70, 80, 90, 95]},
+    "scale": {"p": [60, 65, 70, 75, 80, 85, 90, 95]},
+    "energy": {"T": [0.5, 1, 2, 5, 10]},
+    "gradnorm": {"T": [0.5, 1, 2]},
+    "rg": {"k": [0.5, 1.0, 2.0], "T": [0.5, 1, 2, 5]},
+    "rg_add": {"k": [0.5, 1.0], "alpha_scale": [0.5, 0.8, 1.0, 1.2]},
+    "nap+energy": {"w": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]},
+    "nap": {}, "msp": {}, "maxlogit": {},
+}
+GRIDS = {"grid 1 (the benchmark's)": (GRID, "<= 40 products"), "grid 2 (another mix)": (GRID2, "<= floor + 25%"),
+         "grid 3 (shaped as the issue's check)": (GRID3, "<= floor + 25%")}
 
 
 def reuse_or_make(path: Path) -> Path:

@@ -53,8 +53,8 @@ def refuse_flat_prepool(replay: Replay, method_names) -> None:
 
 
 def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
-    """(load(key), load_rows(key, start, stop)): arrays of `split` read on demand, whole or a run of
-    rows at a time, refusing NaN or Inf with a count and the first sample id.
+    """(load(key), runs(key)): arrays of `split` read on demand, whole or as (start, stop, rows) runs
+    (`Split.runs`), refusing NaN or Inf with a count and the first sample id.
 
     Seconds spent reading are added to read_clock[0] when it is given.
     """
@@ -62,17 +62,19 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
 
     flat = flat_prepool(cache)
 
-    def read(key, rows=slice(None)):
+    def refuse_flat(key):
         if key == "chan_max" and flat:
             raise FeatcacheError(f"split {split.name!r}: {flat}")  # the last guard, for callers that skip the check
-        started = time.perf_counter()
-        values = split.read(key, rows)
+
+    def clock(started):
         if read_clock is not None:
             read_clock[0] += time.perf_counter() - started
-        return values
 
     def load(key):
-        values = read(key)
+        refuse_flat(key)
+        started = time.perf_counter()
+        values = split.read(key)
+        clock(started)
         # A NaN or Inf anywhere makes the float64 sum non-finite: one fast pass finds out, and only
         # then is the count and the first bad sample looked for.
         if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
@@ -84,13 +86,18 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
                                      f"NaN or Inf values in {len(rows)} samples, first in sample {first!r}")
         return values
 
-    def load_rows(key, start, stop):
-        values = read(key, slice(start, stop))  # the whole dataset's checksum is checked on the first run
-        if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
-            load(key)  # raises, with the count and first bad sample of the whole array
-        return values
+    def runs(key):
+        refuse_flat(key)
+        started = time.perf_counter()
+        for start, stop, values in split.runs(key):
+            clock(started)
+            if values.dtype.kind == "f" and not np.isfinite(values.sum(dtype=np.float64)):
+                load(key)  # raises, with the count and first bad sample of the whole array
+            yield start, stop, values
+            started = time.perf_counter()
+        clock(started)  # the checksum's comparison, after the last run
 
-    return load, load_rows
+    return load, runs
 
 
 def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None) -> SplitData:
@@ -100,8 +107,8 @@ def split_data(cache: Cache, split: Split, width: int, read_clock: list | None =
     if d != width:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
     same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
-    load, load_rows = split_loader(cache, split, read_clock)
-    return SplitData(split.name, loader=load, row_loader=load_rows, same_as=same)
+    load, runs = split_loader(cache, split, read_clock)
+    return SplitData(split.name, loader=load, run_loader=runs, same_as=same)
 
 
 def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list | None = None) -> Replay:

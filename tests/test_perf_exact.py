@@ -182,7 +182,7 @@ def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
     from featcache.methods.nap import shared_nap_score
 
     rng = np.random.default_rng(13)
-    n, c = 5000, 24  # three runs of STREAM_ROWS, the last one short
+    n, c = 5000, 24  # three runs, the last one short
     arrays = {"chan_mean": rng.random((n, c)).astype(np.float32), "logits": np.zeros((n, 3), np.float32)}
     arrays["chan_max"] = arrays["chan_mean"] * (1 + rng.exponential(size=(n, c))).astype(np.float32)
     whole, runs = [], []
@@ -191,14 +191,15 @@ def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
         whole.append(key)
         return arrays[key]
 
-    def load_rows(key, start, stop):
-        runs.append((key, start, stop))
-        return arrays[key][start:stop]
+    def load_runs(key):
+        for start in range(0, n, 2000):
+            runs.append((key, start, min(start + 2000, n)))
+            yield start, min(start + 2000, n), arrays[key][start : start + 2000]
 
-    data = SplitData("s", loader=load, row_loader=load_rows)
+    data = SplitData("s", loader=load, run_loader=load_runs)
     ratio = arrays["chan_max"].astype(np.float64) / (arrays["chan_mean"].astype(np.float64) + 1.0)
     assert np.array_equal(shared_nap_score(data, 1.0), (ratio**2).mean(axis=1))
-    assert "chan_max" not in whole and [r[1:] for r in runs] == [(0, 2048), (2048, 4096), (4096, 5000)]
+    assert "chan_max" not in whole and [r[1:] for r in runs] == [(0, 2000), (2000, 4000), (4000, 5000)]
 
 
 def test_dice_heads_of_a_batch_are_each_np_percentiles():

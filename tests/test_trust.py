@@ -226,3 +226,30 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1
     assert "missing keys fc.bias" in err and "unexpected keys head.extra" in err and "wrong.pt" in err
+
+
+@pytest.mark.parametrize("fmt", ["h5", "zarr"])
+def test_nap_scores_the_very_bytes_it_checked(random_digits, fmt, monkeypatch):
+    # NAP reads the pre-pool maxima a run at a time: each run is hashed as it is used, so bytes that
+    # change between a check and a read cannot be scored, and each is read from the store once
+    from featcache.cache import store as stores
+    from featcache.cache.reader import ChecksumMismatch
+    from featcache.replay import sweep_batch
+
+    store_class = stores.H5Store if fmt == "h5" else stores.ZarrStore
+    honest = store_class.blocks
+    reads = []
+
+    def changed_on_the_way(self, node, out=None):
+        for start, stop, rows in honest(self, node, out):
+            if node.endswith("chan_max"):
+                reads.append(node)
+                if node.endswith("photos/chan_max") and start == 0:
+                    rows = rows + 1  # what a concurrent writer would hand over after the check
+            yield start, stop, rows
+
+    monkeypatch.setattr(store_class, "blocks", changed_on_the_way)
+    monkeypatch.setattr(store_class, "read", lambda *a, **k: pytest.fail("chan_max read whole or twice"))
+    with pytest.raises(ChecksumMismatch, match="photos.*chan_max"):
+        sweep_batch(random_digits[fmt], [("nap", {"eps": 1.0})])
+    assert len(reads) == len(set(reads))  # each pre-pool array streamed once

@@ -112,27 +112,34 @@ def memory_bytes() -> int | None:
         return None
 
 
-def stream_checksum(store: Store, node: str, where: str, out: np.ndarray | None = None,
-                    on_ids=None) -> tuple[str, list | None]:
-    """The checksum of `node`, read block by block (into `out` when given, strings collected and
-    returned). Each block is hashed while the next one is read. Read errors become one line naming
-    `where`; `on_ids(block, offset)` sees every block of strings."""
-    strings = store.dtype(node) == "str"
-    digest = Checksum(strings, threaded=True)
-    collected = [] if strings else None
+def hashed_blocks(store: Store, node: str, where: str, digest: Checksum, out: np.ndarray | None = None):
+    """(start, stop, rows) of `node` block by block (into `out` when given), each fed to `digest` as it
+    goes, so that it is hashed while the next one is read. Read errors become one line naming `where`."""
     try:
-        for start, _, rows in store.blocks(node, out):
-            if strings:
-                if on_ids is not None:
-                    on_ids(rows, start)
-                collected.extend(rows)
+        for start, stop, rows in store.blocks(node, out):
             digest.update(rows)
-        return digest.hexdigest(), collected
+            yield start, stop, rows
     except FeatcacheError:
         raise
     except Exception as exc:  # h5py and zarr raise many types for unreadable data
         text = str(exc).strip().splitlines()
         raise FeatcacheError(f"{where} cannot be read ({text[0] if text else type(exc).__name__})") from None
+
+
+def stream_checksum(store: Store, node: str, where: str, out: np.ndarray | None = None,
+                    on_ids=None) -> tuple[str, list | None]:
+    """The checksum of `node`, read block by block (into `out` when given, strings collected and
+    returned). `on_ids(block, offset)` sees every block of strings."""
+    strings = store.dtype(node) == "str"
+    digest = Checksum(strings, threaded=True)
+    collected = [] if strings else None
+    try:
+        for start, _, rows in hashed_blocks(store, node, where, digest, out):
+            if strings:
+                if on_ids is not None:
+                    on_ids(rows, start)
+                collected.extend(rows)
+        return digest.hexdigest(), collected
     finally:
         digest.close()
 
@@ -188,6 +195,22 @@ class Split:
 
     __getitem__ = read
 
+    def runs(self, array: str):
+        """(start, stop, rows) of a numeric `array` over the whole split, a block of rows at a time,
+        for work that reduces it row by row without holding it whole. The blocks are hashed as they
+        stream and the checksum is compared after the last one, so the bytes used are the bytes
+        checked: a caller that goes through every run gets ChecksumMismatch instead of finishing on
+        damaged data (one that stops early has checked nothing)."""
+        if array not in SPLIT_ARRAYS:
+            raise FeatcacheError(f"split {self.name!r}: unknown array {array!r}; one of {', '.join(SPLIT_ARRAYS)}")
+        if not self.has(array):
+            raise FeatcacheError(f"{self.store.path}: split {self.name!r} has no dataset {array!r}")
+        node = f"{self.group}/{array}"
+        if not self.complete:
+            return self.store.blocks(node)
+        return self.cache.runs(node, self.cache.layout.checksums[self.name][array],
+                               f"{self.store.path}: split {self.name!r} dataset {array!r}")
+
     def shape(self, array: str) -> tuple:
         return self.store.shape(f"{self.group}/{array}")
 
@@ -230,6 +253,19 @@ class Cache:
         out = None if dtype == "str" else np.empty(self.store.shape(node), dtype=dtype)
         strings = self.check(node, checksum, where, out)
         return np.asarray(strings, dtype=str) if strings is not None else out
+
+    def runs(self, node: str, checksum: str, where: str):
+        """`Split.runs` of dataset `node`."""
+        digest = Checksum(False, threaded=True)
+        try:
+            yield from hashed_blocks(self.store, node, where, digest)
+            actual = digest.hexdigest()
+        finally:
+            digest.close()
+        if actual != checksum:
+            raise ChecksumMismatch(f"{where}: checksum differs from the one stored when it was written; "
+                                   "the data changed afterwards (damaged or edited), refused")
+        self._verified.add(node)
 
     def check(self, node: str, checksum: str, where: str, out: np.ndarray | None = None) -> list | None:
         """Stream `node` (into `out` when given) and refuse it unless its checksum is `checksum`;

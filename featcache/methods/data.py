@@ -72,18 +72,18 @@ class Head:
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
-STREAM_ROWS = 2048  # rows per run of `SplitData.row_runs`: 16 MB of a 2048-wide float32 array
+STREAM_ROWS = 2048  # rows per run of an array held in memory (`SplitData.row_runs`)
 
 
 class SplitData:
-    """One split's arrays, given directly or read on first use through `loader(name)`; runs of rows
-    of an array not held are read with `row_loader(name, start, stop)` (see `row_runs`)."""
+    """One split's arrays, given directly or read on first use through `loader(name)`; an array not
+    held is read as (start, stop, rows) runs through `run_loader(name)` (see `row_runs`)."""
 
     def __init__(self, name: str, loader: Callable | None = None, same_as: dict | None = None,
-                 row_loader: Callable | None = None, **arrays):
+                 run_loader: Callable | None = None, **arrays):
         self.name = name
         self._loader = loader
-        self._row_loader = row_loader
+        self._run_loader = run_loader
         self._same_as = same_as or {}  # e.g. {"chan_mean": "features"}: equal arrays are read once
         self._memo: dict = {}
         # (method, params key) of every configuration the batch scores on this split, nap+X as X:
@@ -104,15 +104,17 @@ class SplitData:
 
         return (method, json.dumps(params, sort_keys=True)) in self.plan
 
-    def row_runs(self, key: str, rows: int = STREAM_ROWS):
-        """(start, stop, rows of array `key`) over the split, `rows` at a time: an array read only to be
-        reduced row by row (NAP's pre-pool maxima) is read a run at a time when it is not held, so
-        that it never takes the memory of a whole split."""
+    def row_runs(self, key: str):
+        """(start, stop, rows of array `key`) over the split: an array read only to be reduced row by
+        row (NAP's pre-pool maxima) is read a run at a time when it is not held, so that it never
+        takes the memory of a whole split; every run must be taken (the last one finishes its check)."""
         key = self._same_as.get(key, key)
-        held = key in self.__dict__ or self.__dict__.get("_row_loader") is None
-        for start in range(0, len(self), rows):
-            stop = min(start + rows, len(self))
-            yield start, stop, getattr(self, key)[start:stop] if held else self._row_loader(key, start, stop)
+        if key in self.__dict__ or self.__dict__.get("_run_loader") is None:
+            values = getattr(self, key)
+            for start in range(0, len(values), STREAM_ROWS):
+                yield start, min(start + STREAM_ROWS, len(values)), values[start : start + STREAM_ROWS]
+        else:
+            yield from self._run_loader(key)
 
     def __getattr__(self, key):
         # only reached when the attribute is not set yet

@@ -152,12 +152,12 @@ def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
     return out
 
 
-def row_reduce(fn: Callable, n: int) -> np.ndarray:
-    """fn(start, stop) -> one float64 per row, over all rows, on all cores."""
+def row_reduce(fn: Callable, n: int, block: int = ROW_BLOCK) -> np.ndarray:
+    """fn(start, stop) -> one float64 per row, over all rows, `block` rows at a time on all cores."""
     out = np.empty(n)
 
     def run(start, stop):
         out[start:stop] = fn(start, stop)
 
-    map_row_blocks(run, n)
+    map_row_blocks(run, n, block)
     return out

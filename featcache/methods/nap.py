@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_predictions
-from featcache.methods.kernels import row_reduce
+from featcache.methods.kernels import n_workers, row_reduce
 from featcache.methods.registry import BENCHMARKS, REGISTRY, Method, every_benchmark, register
 
 NAP_EPS = 1.0
@@ -70,7 +70,8 @@ def shared_nap_score(data, eps):
         score = np.empty(len(data))
         for start, stop, mx in data.row_runs("chan_max"):
             mn = data.chan_mean[start:stop]
-            score[start:stop] = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), stop - start)
+            score[start:stop] = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), stop - start,
+                                           block=-(-(stop - start) // n_workers()))  # a run on every core
         return score
 
     return data.memo(("nap", eps), compute)

@@ -85,7 +85,9 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray 
     """
     rows = z if rows is None else rows
     top = np.float64(rows.max())  # a float32 maximum is exact in float64: the same as the cast rows'
-    np.subtract(rows, top, out=z, dtype=np.float64)  # cast and shift in one pass
+    if rows is not z:
+        np.copyto(z, rows)  # then the shift in place: faster than numpy's casting subtract
+    z -= top
     if T != 1:
         z *= 1.0 / T  # a multiply is several times cheaper than a divide
     sums = np.exp(z, out=z).sum(axis=1)

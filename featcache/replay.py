@@ -243,8 +243,8 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
             from the scratch or computed and saved there."""
             # the batch's configurations: a product computed for one of them serves those sharing it
             data.plan = plan
-            found = [None] * len(methods)
-            for i, ((method, params), count) in enumerate(zip(methods, counts)):
+            found = []
+            for (method, params), count in zip(methods, counts):
                 key = params_key(params)
                 saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
                 if saved is None:
@@ -256,7 +256,7 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
                 scores, acc, nonpositive = saved
                 if nonpositive is not None:
                     count[data.name] = nonpositive
-                found[i] = (scores, acc)
+                found.append((scores, acc))
             return found
 
         id_results = scores_on(replay.id_test, is_id=True)

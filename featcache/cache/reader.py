@@ -183,15 +183,22 @@ class Split:
     def has(self, array: str) -> bool:
         return self.store.has(f"{self.group}/{array}")
 
-    def read(self, array: str, rows: slice = slice(None)) -> np.ndarray:
+    def _node(self, array: str) -> str:
+        """The store node of dataset `array`, refused by name when the split has no such dataset."""
         if array not in SPLIT_ARRAYS:
             raise FeatcacheError(f"split {self.name!r}: unknown array {array!r}; one of {', '.join(SPLIT_ARRAYS)}")
         if not self.has(array):
             raise FeatcacheError(f"{self.store.path}: split {self.name!r} has no dataset {array!r}")
+        return f"{self.group}/{array}"
+
+    def _where(self, array: str) -> str:
+        return f"{self.store.path}: split {self.name!r} dataset {array!r}"
+
+    def read(self, array: str, rows: slice = slice(None)) -> np.ndarray:
+        node = self._node(array)
         if not self.complete:
-            return self.store.read(f"{self.group}/{array}", rows)
-        return self.cache.read_verified(f"{self.group}/{array}", self.cache.layout.checksums[self.name][array],
-                                        f"{self.store.path}: split {self.name!r} dataset {array!r}", rows)
+            return self.store.read(node, rows)
+        return self.cache.read_verified(node, self.cache.layout.checksums[self.name][array], self._where(array), rows)
 
     __getitem__ = read
 
@@ -201,15 +208,10 @@ class Split:
         stream and the checksum is compared after the last one, so the bytes used are the bytes
         checked: a caller that goes through every run gets ChecksumMismatch instead of finishing on
         damaged data (one that stops early has checked nothing)."""
-        if array not in SPLIT_ARRAYS:
-            raise FeatcacheError(f"split {self.name!r}: unknown array {array!r}; one of {', '.join(SPLIT_ARRAYS)}")
-        if not self.has(array):
-            raise FeatcacheError(f"{self.store.path}: split {self.name!r} has no dataset {array!r}")
-        node = f"{self.group}/{array}"
+        node = self._node(array)
         if not self.complete:
             return self.store.blocks(node)
-        return self.cache.runs(node, self.cache.layout.checksums[self.name][array],
-                               f"{self.store.path}: split {self.name!r} dataset {array!r}")
+        return self.cache.runs(node, self.cache.layout.checksums[self.name][array], self._where(array))
 
     def shape(self, array: str) -> tuple:
         return self.store.shape(f"{self.group}/{array}")
@@ -262,10 +264,7 @@ class Cache:
             actual = digest.hexdigest()
         finally:
             digest.close()
-        if actual != checksum:
-            raise ChecksumMismatch(f"{where}: checksum differs from the one stored when it was written; "
-                                   "the data changed afterwards (damaged or edited), refused")
-        self._verified.add(node)
+        self._accept(node, actual, checksum, where)
 
     def check(self, node: str, checksum: str, where: str, out: np.ndarray | None = None) -> list | None:
         """Stream `node` (into `out` when given) and refuse it unless its checksum is `checksum`;
@@ -273,11 +272,16 @@ class Cache:
         self._fits_in_memory(node, where)
         on_ids = (lambda block, offset: check_ids(block, where, offset)) if node.endswith("/ids") else None
         actual, strings = stream_checksum(self.store, node, where, out, on_ids)
+        self._accept(node, actual, checksum, where)
+        return strings
+
+    def _accept(self, node: str, actual: str, checksum: str, where: str) -> None:
+        """Refuse `node` unless its streamed checksum `actual` is the stored `checksum`; else remember
+        that it was checked in this handle."""
         if actual != checksum:
             raise ChecksumMismatch(f"{where}: checksum differs from the one stored when it was written; "
                                    "the data changed afterwards (damaged or edited), refused")
         self._verified.add(node)
-        return strings
 
     def _fits_in_memory(self, node: str, where: str) -> None:
         """Refuse, before allocating or streaming it, an array larger than this machine's memory:

@@ -100,9 +100,16 @@ class SplitData:
 
     def wants(self, method: str, params: dict) -> bool:
         """Whether the batch scores `method` with `params` on this split (see `plan`)."""
+        from featcache.grid import params_key  # the grid imports the registry, which imports this
+
+        return (method, params_key(params)) in self.plan
+
+    def planned(self, methods) -> list[dict]:
+        """The parameters of every configuration of the batch (nap+X's as X's) whose method is one of
+        `methods`: what a shared computation may serve along with the one asking for it."""
         import json
 
-        return (method, json.dumps(params, sort_keys=True)) in self.plan
+        return [json.loads(key) for name, key in self.plan if name in methods]
 
     def row_runs(self, key: str):
         """(start, stop, rows of array `key`) over the split: an array read only to be reduced row by

@@ -12,8 +12,6 @@ from the DICE paper; the DICE reference code's demo-cifar.sh runs both with --p 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from featcache.methods.data import Head, Output, percentiles
@@ -34,16 +32,11 @@ def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
             for threshold in percentiles(contrib, ps)]
 
 
-def planned_ps(data) -> list:
-    """The p of every DICE configuration (nap+dice's included) of data's batch."""
-    return [json.loads(key)["p"] for name, key in getattr(data, "plan", ()) if name == "dice"]
-
-
 @register("dice", defaults={"p": 90}, paper=DICE_PAPER)
 def dice(data, head, fit, p):
     def with_the_batch():
         # the heads at the batch's other p are made in the same pass, as ReAct's clips are
-        ps = [q for q in dict.fromkeys([p, *planned_ps(data)]) if q == p or not fit.has(("dice_head", q))]
+        ps = [q for q in dict.fromkeys([p, *(params["p"] for params in data.planned({"dice"}))]) if q == p or not fit.has(("dice_head", q))]
         heads = dict(zip(ps, dice_heads(head, fit.mean_feature, ps)))
         for q, sparse in heads.items():
             if q != p:

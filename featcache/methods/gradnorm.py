@@ -25,18 +25,18 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.nda
     """`l1`: ||x||_1 per row when already known (it does not depend on T)."""
     if l1 is None:
         l1 = feature_l1(x)
-    out = np.empty(len(logits))
     # LSE_BLOCK rows at a time in two buffers that stay in the CPU cache, in place: the very
     # operations of the formula, so the same numbers, without (N, K) float64 temporaries
-    z, e = np.empty((2, min(LSE_BLOCK, len(logits)), np.shape(logits)[1]))
-    for a in range(0, len(logits), LSE_BLOCK):
-        rows = slice(a, a + LSE_BLOCK)
-        zr, er = z[: len(logits[rows])], e[: len(logits[rows])]
+    n, k = np.shape(logits)
+    out = np.empty(n)
+    z, e = np.empty((2, min(LSE_BLOCK, n), k))
+    for a in range(0, n, LSE_BLOCK):
+        rows = slice(a, min(a + LSE_BLOCK, n))
+        zr, er = z[: rows.stop - a], e[: rows.stop - a]
         np.divide(logits[rows], T, out=zr, dtype=np.float64)
         top = zr.max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(np.subtract(zr, top, out=er), out=er).sum(axis=1))  # logsumexp per row
         probs = np.exp(np.subtract(zr, lse[:, None], out=er), out=er)
-        k = zr.shape[1]
         probs -= 1.0 / k
         out[rows] = (k / T) * np.abs(probs, out=probs).sum(axis=1) * l1[rows]
     return out

@@ -107,8 +107,8 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
     product(start, stop) -> rows start:stop (a head product, computed once per block however many
     configurations use it, in float32 or float64); finish(rows, out, index) writes one
     configuration's float64 logits of `rows` (the split's rows `index`, a slice or indices) into
-    `out` (a per-row scale, the bias), or None to take them as they are. Each configuration gets
-    exactly the numbers of its own product, finish and logsumexp done alone.
+    `out` (a per-row scale, the bias). Each configuration gets exactly the numbers of its own
+    product, finish and logsumexp done alone.
 
     Every configuration is finished and reduced LSE_BLOCK rows at a time in one buffer that stays in
     the CPU cache, instead of a float64 copy of the whole block per configuration.
@@ -116,10 +116,7 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
     outs = [(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes]
 
     def logits_into(finish, rows, out, index):
-        if finish is None:
-            out[...] = rows
-        else:
-            finish(rows, out, index)
+        finish(rows, out, index)
         return out
 
     def run(start, stop):

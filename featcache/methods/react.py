@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, sorted_features, top_k_mask
 from featcache.methods.data import Output
-from featcache.methods.kernels import row_reduce
+from featcache.methods.rg import shared_clipped_sum
 from featcache.errors import FeatcacheError
 from featcache.methods.registry import every_benchmark, register
 
@@ -39,17 +39,15 @@ def clip_value(fit, clip=None, percentile=None, percentile_of="id_train", data=N
         raise FeatcacheError(f"react: percentile_of {percentile_of}: {exc}") from None
 
 
+CLIPPING = {"react", "react+ash_p", "react+ash_b", "react+ash_s"}  # the methods that clip at ReAct's c
+
+
 def planned_percentiles(data, of) -> list:
     """Percentiles of split `of` that the ReAct-family configurations of data's batch clip at."""
-    import json
-
-    found = []
-    for name, key in getattr(data, "plan", ()):
-        if name == "react" or name.startswith("react+"):
-            params = json.loads(key)
-            if params.get("percentile") is not None and params.get("percentile_of", "id_train") == of:
-                found.append(params["percentile"])
-    return sorted(found)
+    if data is None:
+        return []
+    return sorted(params["percentile"] for params in data.planned(CLIPPING)
+                  if params.get("percentile") is not None and params.get("percentile_of", "id_train") == of)
 
 
 CLIP = {"percentile": 90, "clip": None, "percentile_of": "id_train"}
@@ -89,10 +87,8 @@ def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
 
 
 def clipped_sums(data, fit, percentile, clip, percentile_of):
-    """s1 = sum(min(x, c)) per row, float64."""
-    c, x = np.float32(clip_value(fit, clip, percentile, percentile_of, data)), data.features
-    return data.memo(("clipped_s1", float(c)),
-                     lambda: row_reduce(lambda a, b: react_features(x[a:b], c).sum(axis=1, dtype=np.float64), len(x)))
+    """s1 = sum(min(x, c)) per row, float64: RG's feature term at k = c, shared with it."""
+    return shared_clipped_sum(data, clip_value(fit, clip, percentile, percentile_of, data))
 
 
 CLIPPED_PRUNED = ("react+ash_p", "react+ash_s")  # one clipped, pruned feature; the second rescales its rows

@@ -48,8 +48,10 @@ def alpha_s(fit, k: float) -> float:
 
 
 def shared_clipped_sum(data, k):
+    """`clipped_sum` of the split's features, once per float32 k (RG's k and ReAct's clip alike)."""
     x = data.features
-    return data.memo(("clipped_sum", k), lambda: row_reduce(lambda a, b: clipped_sum(x[a:b], k), len(x)))
+    return data.memo(("clipped_sum", float(np.float32(k))),
+                     lambda: row_reduce(lambda a, b: clipped_sum(x[a:b], k), len(x)))
 
 
 @register("rg", defaults={"k": 1.0, "T": 1.0}, paper={"imagenet": {"k": 1.0, "T": 1.0}})

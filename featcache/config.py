@@ -14,6 +14,7 @@ import yaml
 from featcache.errors import FeatcacheError
 
 MANIFEST_ROLES = ("train", "id_train", "id_val", "id_test", "ood", "pseudo_ood")
+LABELLED_ROLES = ("train", "id_train", "id_val", "id_test")  # samples of these keep their class; others get -1
 PSEUDO_OOD_FIELDS = ("of", "corruptions", "severity", "per_corruption", "seed")
 
 

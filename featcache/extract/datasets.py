@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.config import manifest_entry
+from featcache.config import LABELLED_ROLES, manifest_entry
 from featcache.errors import FeatcacheError
 
 
@@ -285,7 +285,7 @@ def load_dataset(name: str, manifest: dict, manifest_path, channels: int | None 
         raise FeatcacheError(
             f"{manifest_path}: dataset {name!r} declares size {entry['size']} but its source gives {len(ids)}"
         )
-    if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
+    if entry["role"] not in LABELLED_ROLES:
         labels = np.full(len(ids), -1, np.int64)
     if channels == 3:
         images = np.repeat(images[:, None], 3, axis=1)  # grey images shown to an RGB network
@@ -390,7 +390,7 @@ def load_corrupted(entry: dict, manifest: dict, manifest_path, channels: int | N
         images, labels, ids = _raw_images({**base, "transform": transform}, manifest, manifest_path)
         # the generators give floats in [0, 1]; ImageNet-C corrupts 8-bit images
         base_data = np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
-    if entry["role"] not in ("train", "id_train", "id_val", "id_test"):
+    if entry["role"] not in LABELLED_ROLES:
         labels = np.full(len(ids), -1, np.int64)
     rows = subset_rows(len(ids), source.get("subset"), seed, corruption, where)
     return CorruptedImages(base_data, ids, labels, rows, corruption, severity, seed, geometry, tensor, where, channels)

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from featcache.config import LABELLED_ROLES
 from featcache.errors import FeatcacheError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -181,7 +182,7 @@ def load_files(source: dict, transform_spec: dict, role: str, where: str, channe
     if not path.exists():
         raise FeatcacheError(f"{where}: source path {path} does not exist")
     transform = build_transform(transform_spec, where)
-    labelled = role in ("train", "id_train", "id_val", "id_test")
+    labelled = role in LABELLED_ROLES
     if fmt == "imagefolder":  # root/<class>/<image>: classes sorted, as torchvision's ImageFolder
         classes = source.get("classes") or sorted(p.name for p in path.iterdir() if p.is_dir())
         items, labels = [], []

@@ -20,7 +20,7 @@ import featcache
 from featcache.cache.schema import ROLES
 from featcache.cache.verify import check_logits
 from featcache.cache.writer import CacheWriter, is_disk_full
-from featcache.config import Pipeline, manifest_entry
+from featcache.config import LABELLED_ROLES, Pipeline, manifest_entry
 from featcache.errors import DiskFull, FeatcacheError
 from featcache.extract.backbones import (
     accuracy,
@@ -256,9 +256,6 @@ class SplitSource:
     # whether an id split's every sample must have a class (the API's data); a manifest's entry may
     # say -1, unknown, as its `folder` format and generated noise do
     labels_required: bool = False
-
-
-LABELLED_ROLES = ("train", "id_train", "id_val", "id_test")
 
 
 def check_roles(roles: list[tuple[str, str]], where: str) -> None:

@@ -140,6 +140,51 @@ def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch)
     assert len(calls) == len(CONFIGS) - (0 if head.precise else 1)
 
 
+def test_top_k_stats_are_the_whole_sorted_arrays_columns_and_sums():
+    """Each k's values and sums, taken a block of rows at a time, are the columns and row sums of the
+    whole sorted array, to the last bit (several blocks, the last one short; negative values)."""
+    from featcache.methods.ash import top_k_stats
+
+    rng = np.random.default_rng(12)
+    x = features(rng, 2500, 77)
+    x[3:40] -= 0.75
+    srt = np.ascontiguousarray(np.sort(x, axis=1)[:, ::-1])
+    ks = [0, 1, 19, 38, 76, 77]
+    stats = top_k_stats(x, ks)
+    assert sorted(stats) == ks
+    for k in ks:
+        assert np.array_equal(stats[k].sums, srt[:, :k].sum(axis=1, dtype=np.float64))
+        assert np.allclose(stats[k].sums, [sum(float(v) for v in row[:k]) for row in srt], rtol=1e-12, atol=1e-12)
+        if 0 < k < 77:
+            assert np.array_equal(stats[k].kth, srt[:, k - 1]) and np.array_equal(stats[k].after, srt[:, k])
+        else:
+            assert stats[k].kth is None and stats[k].after is None
+
+
+def test_a_batch_sorts_each_split_once_for_every_planned_p(setup, monkeypatch):
+    """Every k the batch plans (ASH, SCALE, ReAct + ASH, nap+X as X) comes from one sort of the split;
+    a k it did not plan costs one more."""
+    import featcache.methods.ash as ash
+
+    calls = []
+    original = ash.top_k_stats
+
+    def counting(x, ks):
+        calls.append(sorted(ks))
+        return original(x, ks)
+
+    monkeypatch.setattr(ash, "top_k_stats", counting)
+    scored(setup, CONFIGS, True)
+    assert len(calls) == 1
+    head, fit, fresh = setup
+    data = fresh()
+    data.plan = work_plan([("ash_p", get_method("ash_p").resolve({"p": 60}))])
+    get_method("ash_b").__call__(data, head, fit, p=75)
+    get_method("ash_p").__call__(data, head, fit, p=60)
+    d = data.features.shape[1]
+    assert calls[1:] == [sorted({ash.keep_count(d, 60), ash.keep_count(d, 75)})]
+
+
 def brute_top_k(x, k):
     """The k largest entries of each row, equal values taken lowest index first (a stable sort)."""
     mask = np.zeros(x.shape, dtype=bool)

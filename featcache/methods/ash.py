@@ -25,6 +25,7 @@ ASH-RAND has none (table 3 lists it at several p without recommending one).
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,18 +51,41 @@ def keep_count(n: int, p: float) -> int:
     return n - int(np.round(n * p / 100.0))
 
 
-def sort_descending(x: np.ndarray) -> np.ndarray:
-    """Each row's values from largest to smallest: one sort serves every p."""
-    out = np.empty_like(x)
+@dataclass
+class TopK:
+    """Per row of a split, for one k: the k-th and (k+1)-th largest values (None when k is 0 or D:
+    every entry is then dropped or kept) and the float64 sum of the k largest."""
+
+    kth: np.ndarray | None
+    after: np.ndarray | None
+    sums: np.ndarray
+
+
+def top_k_stats(x: np.ndarray, ks) -> dict[int, TopK]:
+    """`TopK` of the rows of x for each k of ks (0 <= k <= D), from one sort of a block of rows at a time.
+
+    What every p of a sweep needs from the sort, without holding the sorted (N, D) array: the block's
+    sort is used while it is in the cache and dropped. Each sum adds the k largest values in
+    descending order, as `x_sorted[:, :k].sum(axis=1, dtype=np.float64)` of the whole sorted array
+    does, to the last bit.
+    """
+    n, d = x.shape
+    ks = sorted(set(ks))
+    out = {k: TopK(np.empty(n, x.dtype) if 0 < k < d else None, np.empty(n, x.dtype) if 0 < k < d else None,
+                   np.empty(n)) for k in ks}
 
     def run(start, stop):
-        out[start:stop] = np.sort(x[start:stop], axis=1)[:, ::-1]
+        srt = np.ascontiguousarray(np.sort(x[start:stop], axis=1)[:, ::-1])
+        for k, stats in out.items():
+            if stats.kth is not None:
+                stats.kth[start:stop], stats.after[start:stop] = srt[:, k - 1], srt[:, k]
+            stats.sums[start:stop] = srt[:, :k].sum(axis=1, dtype=np.float64)
 
-    map_row_blocks(run, len(x))
+    map_row_blocks(run, n)
     return out
 
 
-def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zero_ties: bool = True) -> np.ndarray:
+def top_k_mask(x: np.ndarray, k: int, zero_ties: bool = True) -> np.ndarray:
     """Boolean (N, D) mask of the k largest entries per row; among equal values, lowest index first.
 
     With zero_ties=False, ties at a k-th value of 0 need not be broken (all zeros may be kept): for
@@ -72,9 +96,8 @@ def top_k_mask(x: np.ndarray, k: int, sorted_desc: np.ndarray | None = None, zer
         return np.zeros_like(x, dtype=bool)
     if k >= d:
         return np.ones_like(x, dtype=bool)
-    if sorted_desc is None:
-        sorted_desc = sort_descending(x)
-    return mask_from_kth(x, k, sorted_desc[:, k - 1], sorted_desc[:, k], zero_ties)
+    stats = top_k_stats(x, [k])[k]
+    return mask_from_kth(x, k, stats.kth, stats.after, zero_ties)
 
 
 def mask_from_kth(x: np.ndarray, k: int, kth: np.ndarray, after: np.ndarray, zero_ties: bool = True) -> np.ndarray:
@@ -133,10 +156,10 @@ def first_true(flags: np.ndarray, need: np.ndarray) -> np.ndarray:
     return flags & (np.arange(d) < cut[:, None])
 
 
-def ash_prune(x: np.ndarray, p: float, sorted_desc: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def ash_prune(x: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:
     """(pruned x, keep mask, k): entries outside the top k set to zero."""
     k = keep_count(x.shape[1], p)
-    mask = top_k_mask(x, k, sorted_desc)
+    mask = top_k_mask(x, k)
     return np.where(mask, x, 0).astype(x.dtype, copy=False), mask, k
 
 
@@ -182,8 +205,19 @@ def ash_rand_features(x: np.ndarray, p: float, seed: int = 0, ids=None) -> np.nd
 # --- registered methods: shaping, then the head (one product per block of rows), then energy ------
 
 
-def sorted_features(data) -> np.ndarray:
-    return data.memo(("sorted_desc",), lambda: sort_descending(data.features))
+# the methods whose parameter p sets ASH's k: a split's sort serves every k they plan at once
+TOP_K_METHODS = {"ash_p", "ash_b", "ash_s", "scale", "react+ash_p", "react+ash_b", "react+ash_s"}
+
+
+def shared_top_k(data, k: int) -> TopK:
+    """The split's `TopK` at k, computed along with every other k its batch plans (`TOP_K_METHODS`)."""
+    if not data.has(("top_k", k)):
+        d = data.features.shape[1]
+        planned = {keep_count(d, params["p"]) for params in data.planned(TOP_K_METHODS) if "p" in params}
+        missing = [j for j in planned | {k} if not data.has(("top_k", j))]
+        for j, stats in top_k_stats(data.features, missing).items():
+            data.memo(("top_k", j), lambda stats=stats: stats)
+    return data.memo(("top_k", k), lambda: top_k_stats(data.features, [k])[k])
 
 
 def feature_sums(data) -> np.ndarray:
@@ -193,11 +227,14 @@ def feature_sums(data) -> np.ndarray:
 
 def pruned_blocks(data, p, zero_ties):
     """(rows(start, stop) -> pruned rows, mask(start, stop), k), shaping a block at a time."""
-    x, srt = data.features, sorted_features(data)
+    x = data.features
     k = keep_count(x.shape[1], p)
+    stats = shared_top_k(data, k)
 
     def mask(start, stop):
-        return top_k_mask(x[start:stop], k, srt[start:stop], zero_ties=zero_ties)
+        if stats.kth is None:
+            return top_k_mask(x[start:stop], k)
+        return mask_from_kth(x[start:stop], k, stats.kth[start:stop], stats.after[start:stop], zero_ties)
 
     def rows(start, stop):
         return x[start:stop] * mask(start, stop)
@@ -207,8 +244,7 @@ def pruned_blocks(data, p, zero_ties):
 
 def top_k_sums(data, k):
     """s2 per row, the sum of the k largest values (whatever the ties), from the shared sort."""
-    srt = sorted_features(data)
-    return data.memo(("s2", k), lambda: row_reduce(lambda a, b: srt[a:b, :k].sum(axis=1, dtype=np.float64), len(srt)))
+    return shared_top_k(data, k).sums
 
 
 PRUNED = ("ash_p", "ash_s")  # one pruned feature, the second only rescales its rows: one product for both

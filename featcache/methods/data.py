@@ -1,7 +1,7 @@
 """What a method sees: one split's cached arrays, the linear head, id_train statistics, and its output.
 
-What several configurations share (sorted features, energies, clipped sums, a base method's scores) is
-memoised on the split with `data.memo(key, compute)`.
+What several configurations share (each row's k largest values, energies, clipped sums, a base
+method's scores) is memoised on the split with `data.memo(key, compute)`.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ class SplitData:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def has(self, key) -> bool:
+        """Whether `memo(key, ...)` has its value already."""
+        return key in self._memo
 
     def wants(self, method: str, params: dict) -> bool:
         """Whether the batch scores `method` with `params` on this split (see `plan`)."""

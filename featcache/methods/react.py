@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, sorted_features, top_k_mask
+from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, shared_top_k, top_k_mask
 from featcache.methods.data import Output
 from featcache.methods.rg import shared_clipped_sum
 from featcache.errors import FeatcacheError
@@ -65,22 +65,22 @@ def react(data, head, fit, percentile=None, clip=None, percentile_of=None):
 def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
     """(clipped rows, their keep mask, k), a block of rows at a time, from the split's one sort.
 
-    min(., c) is monotone, so the clipped rows sorted are the sorted rows clipped: min(sorted(x), c).
+    min(., c) is monotone, so the clipped rows' k-th values are the rows' k-th values clipped.
     The mask is ASH's (ties at the k-th value broken lowest index first), as `ash_prune` of the whole
     clipped array gives it.
     """
     c, x = np.float32(clip_value(fit, clip, percentile, percentile_of, data)), data.features
-    srt = sorted_features(data)
     k = keep_count(x.shape[1], p)
+    stats = shared_top_k(data, k)
 
     def rows(start, stop):
         return react_features(x[start:stop], c)
 
     def mask(start, stop, clipped=None):
         """The mask of rows start:stop; `clipped`: those rows, when already made."""
-        if k <= 0 or k >= x.shape[1]:
+        if stats.kth is None:
             return top_k_mask(x[start:stop], k)
-        kth, after = np.minimum(srt[start:stop, k - 1], c), np.minimum(srt[start:stop, k], c)
+        kth, after = np.minimum(stats.kth[start:stop], c), np.minimum(stats.after[start:stop], c)
         return mask_from_kth(rows(start, stop) if clipped is None else clipped, k, kth, after)
 
     return rows, mask, k

@@ -75,16 +75,18 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
             future.result()
 
 
-def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray | None = None) -> np.ndarray:
+def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray | None = None,
+                    top: np.float64 | None = None) -> np.ndarray:
     """T * logsumexp(rows / T) per row, in float64, worked out in the float64 buffer `z` (rows' shape),
-    which is overwritten; `rows` is z itself when not given.
+    which is overwritten; `rows` is z itself when not given; `top`, rows.max() when already known.
 
     Shifted by the block's largest value, a scalar (cheaper than a per-row maximum): every term is
     then at most 1, so nothing overflows. Rows whose own maximum lies so far below that their sum
     underflows are redone from `reload(rows)`, the original values, each with its own shift.
     """
     rows = z if rows is None else rows
-    top = np.float64(rows.max())  # a float32 maximum is exact in float64: the same as the cast rows'
+    if top is None:
+        top = np.float64(rows.max())  # a float32 maximum is exact in float64: the same as the cast rows'
     if rows is not z:
         np.copyto(z, rows)  # then the shift in place: faster than numpy's casting subtract
     z -= top
@@ -127,10 +129,12 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
             index = slice(start + a, start + a + len(rows))
             for finish, (scores, predictions) in zip(finishes, outs):
                 z = logits_into(finish, rows, buffer[: len(rows)], index)
-                predictions[index] = z.argmax(axis=1)
+                predictions[index] = best = z.argmax(axis=1)
+                # the rows' maxima are where their argmax points (a NaN included): no second pass for the max
                 scores[index] = _energy_inplace(
                     z, T, lambda low, f=finish, rows=rows, first=index.start:
-                    logits_into(f, rows[low], np.empty((len(low),) + rows.shape[1:]), first + low))
+                    logits_into(f, rows[low], np.empty((len(low),) + rows.shape[1:]), first + low),
+                    top=z[np.arange(len(z)), best].max())
 
     map_row_blocks(run, n)
     return outs

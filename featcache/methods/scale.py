@@ -33,7 +33,8 @@ def scale(data, head, fit, p):
     f, b = data.logits, head.bias.astype(np.float64)
 
     def finish(logits, out, index):
-        np.subtract(logits, b, out=out, dtype=np.float64)
+        np.copyto(out, logits)  # then in place: faster than numpy's casting subtract, the same numbers
+        out -= b
         out *= r[index, None]
         out += b
 

@@ -103,6 +103,8 @@ def test_percentiles_from_one_partition_equal_numpy(dtype):
         before = values.copy()
         percentiles(values, many)
         np.testing.assert_array_equal(values, before)  # the caller's array is left as it was
+    for q, value in zip(qs, percentiles(-np.zeros((1, 1), dtype), qs)):  # numpy keeps a lone -0.0's sign
+        assert np.signbit(value) and np.signbit(np.percentile(-np.zeros((1, 1), dtype), q)), q
 
 
 def test_a_batch_clips_at_the_percentiles_each_config_gets_alone(setup):

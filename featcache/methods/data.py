@@ -209,6 +209,7 @@ def percentiles(values: np.ndarray, qs) -> list[float]:
         below = np.floor(virtual)
         if virtual >= n - 1:
             prev = nxt = n - 1
+            below = -1  # numpy's previous index past the end: its gamma, virtual + 1, keeps a -0.0 at n = 1
         elif virtual < 0:
             prev = nxt = 0
         else:

@@ -1,7 +1,7 @@
 """Issue 16: the shared work of a batch changes no number.
 
 One head product serving ASH-P and ASH-S (and react+ash_p and react+ash_s), ReAct + ASH shaped a
-block at a time from the split's one sort, and several percentiles from one partition must give,
+block at a time from the split's one sort, and several percentiles from one sort must give,
 to the last bit, what each configuration computed alone by the plain formula gives.
 """
 
@@ -91,7 +91,7 @@ def test_react_ash_blocks_equal_the_whole_array_formula(setup):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_percentiles_from_one_partition_equal_numpy(dtype):
+def test_percentiles_from_one_sort_equal_numpy(dtype):
     rng = np.random.default_rng(0)
     qs = [0, 100, 90, 99.9, 50, 33.3, 80, 85.5, 97, 1e-9, 12]
     for shape in [(300, 64), (7, 3), (1, 1), (2, 1)]:
@@ -105,6 +105,80 @@ def test_percentiles_from_one_partition_equal_numpy(dtype):
         np.testing.assert_array_equal(values, before)  # the caller's array is left as it was
     for q, value in zip(qs, percentiles(-np.zeros((1, 1), dtype), qs)):  # numpy keeps a lone -0.0's sign
         assert np.signbit(value) and np.signbit(np.percentile(-np.zeros((1, 1), dtype), q)), q
+
+
+QS = [0, 0.1, 1, 50, 90, 99.9, 100, 12, 33.3, 1e-9, 100 - 1e-9, 50.0, 99, 25]  # ints and floats
+KINDS = ["normal", "relu90", "negative", "ties", "narrow", "half_narrow", "deep", "equal"]
+
+
+def spread(rng, n, dtype, kind):
+    """n values of `kind`: spikes, ties, both zeros, values alike in their leading bits."""
+    if kind == "normal":
+        x = rng.normal(0.3, 2.0, n)
+    elif kind == "relu90":  # 90% exact zeros: one bucket holds most values (a spike of one value)
+        x = np.where(rng.random(n) < 0.9, 0.0, np.abs(rng.normal(size=n)))
+    elif kind == "negative":  # negative values, ties and both zeros
+        x = np.round(rng.normal(-1, 1, n) * 8) / 8
+        x[rng.random(n) < 0.3] = -0.0
+        x[rng.random(n) < 0.1] = 0.0
+    elif kind == "ties":
+        x = rng.integers(-3, 4, n) / 4
+    elif kind == "narrow":  # one top digit holds every value, unequal: selected by the lower digits
+        x = 1 + rng.random(n) * 2.0**-10
+    elif kind == "half_narrow":  # a big bucket of many values beside spread-out ones
+        x = np.where(rng.random(n) < 0.5, -1 - rng.random(n) * 2.0**-10, rng.normal(size=n))
+    elif kind == "deep":  # float64 values alike in their top 32 bits, of either sign: the third digit decides
+        x = (1 + rng.random(n) * 2.0**-25) * rng.choice([-1, 1], n)
+    elif kind == "equal":
+        x = np.full(n, 0.1)
+    return x.astype(dtype)
+
+
+def assert_numpy_percentiles(values, qs):
+    """percentiles == one np.percentile per q; the same zero sign where the values hold one kind of zero."""
+    got = percentiles(values, qs)
+    zeros = values[values == 0]
+    one_zero_sign = np.signbit(zeros).all() or not np.signbit(zeros).any()
+    for q, value in zip(qs, got):
+        expected = float(np.percentile(values, q))
+        assert value == expected, (values.dtype, values.size, q, value, expected)
+        if one_zero_sign:
+            assert np.signbit(value) == np.signbit(expected), (values.dtype, values.size, q, value, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_percentiles_of_many_shapes_of_data_equal_numpy(dtype, kind):
+    rng = np.random.default_rng(KINDS.index(kind))
+    values = spread(rng, 150_000, dtype, kind).reshape(300, 500)
+    before = values.copy()
+    qs = QS + [float(q) for q in rng.uniform(0, 100, 20)] + [int(q) for q in rng.integers(0, 101, 5)]
+    assert_numpy_percentiles(values, qs)
+    np.testing.assert_array_equal(values, before)  # the caller's array is left as it was
+    assert_numpy_percentiles(values.T, [0, 50, 97.5, 100])  # not contiguous
+    assert_numpy_percentiles(values[:3], QS)
+    assert percentiles(values, [50, 50, 90]) == [float(np.percentile(values, q)) for q in (50, 50, 90)]
+    assert percentiles(values, []) == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentiles_of_tiny_arrays_and_zeros_equal_numpy(dtype):
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3):
+        for values in (rng.normal(size=n), np.zeros(n), -np.zeros(n), np.array([-0.0, 0.0, 1.0])[:n]):
+            assert_numpy_percentiles(values.astype(dtype), QS)
+    # one kind of zero beside negative values: numpy's sign (-0.0 from two -0.0 neighbours at gamma >= 0.5)
+    for zero in (0.0, -0.0):
+        values = np.where(rng.random(100_000) < 0.7, zero, -np.abs(rng.normal(size=100_000))).astype(dtype)
+        assert_numpy_percentiles(values, QS + [float(q) for q in rng.uniform(25, 100, 20)])
+    assert_numpy_percentiles(np.full(100_000, -0.0, dtype), [0, 30, 50.5, 70, 99.99, 100])
+
+
+def test_percentiles_of_other_dtypes_equal_numpy():
+    rng = np.random.default_rng(8)
+    big_endian = rng.normal(size=100_000).astype(">f4")
+    for values in (rng.integers(-50, 50, 100_000), big_endian, rng.normal(size=9).astype(np.float16)):
+        assert_numpy_percentiles(values, QS)
 
 
 def test_a_batch_clips_at_the_percentiles_each_config_gets_alone(setup):
@@ -250,7 +324,7 @@ def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
 
 
 def test_dice_heads_of_a_batch_are_each_np_percentiles():
-    # one contribution matrix and one partition for every p: each head as DICE's formula gives it alone
+    # one contribution matrix and one sort for every p: each head as DICE's formula gives it alone
     from featcache.methods.dice import dice_heads
 
     rng = np.random.default_rng(14)

@@ -175,12 +175,12 @@ class Fit:
     def feature_percentile(self, q: float, of: str = "id_train", also=()) -> float:
         """np.percentile (linear) over every entry of the features of `of` (id_train or id_val):
         ReAct's clip. The percentiles `also` (others the batch will ask for) are computed with it, from
-        one partition of the values instead of one each."""
+        one sort of the values instead of one partition each."""
         missing = [v for v in dict.fromkeys([q, *also]) if not self.has(("percentile", of, v))]
-        if len(missing) > 1:
+        if missing:
             for v, value in zip(missing, percentiles(self.split(of).features, missing)):
                 self.memo(("percentile", of, v), lambda value=value: value)
-        return self.memo(("percentile", of, q), lambda: float(np.percentile(self.split(of).features, q)))
+        return self.memo(("percentile", of, q), None)
 
     @cached_property
     def mean_feature(self) -> np.ndarray:
@@ -195,13 +195,15 @@ class Fit:
 
 
 def percentiles(values: np.ndarray, qs) -> list[float]:
-    """[float(np.percentile(values, q)) for q in qs], from one partition of the values.
+    """[float(np.percentile(values, q)) for q in qs], from one sort of the values.
 
     Each value is numpy's own for a Python number q (numpy's linear method, with the weak-scalar
     arithmetic of a Python q: the interpolation runs in the values' dtype), so the clip is the same
     to the last bit as one np.percentile per q; tests/test_perf_exact.py checks it against numpy.
+    A sort, not np.partition at every rank the qs need: numpy's vectorised sort of 20 M float32
+    values takes a fifth of the time of partitioning them at 20 ranks.
     """
-    flat = np.array(values, copy=True).ravel()
+    flat = np.sort(values, axis=None)
     n = flat.size
     points = []
     for q in qs:
@@ -215,7 +217,6 @@ def percentiles(values: np.ndarray, qs) -> list[float]:
         else:
             prev, nxt = int(below), int(below) + 1
         points.append((prev, nxt, float(virtual - below)))
-    flat.partition(np.unique([0, n - 1] + [i for p in points for i in p[:2]]))
     out = []
     for prev, nxt, gamma in points:
         a, b = flat[prev], flat[nxt]

@@ -25,7 +25,7 @@ def dice_head(head: Head, mean_feature: np.ndarray, p: float) -> Head:
 
 
 def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
-    """The sparsified head at each p of `ps`, from one contribution matrix and one partition of it
+    """The sparsified head at each p of `ps`, from one contribution matrix and one sort of it
     (`percentiles` gives np.percentile's numbers to the last bit)."""
     contrib = mean_feature[None, :] * head.weight.astype(np.float64)
     return [Head(np.where(contrib > threshold, head.weight, 0).astype(np.float32), head.bias)

@@ -181,6 +181,12 @@ def test_percentiles_of_other_dtypes_equal_numpy():
         assert_numpy_percentiles(values, QS)
 
 
+def test_a_numpy_float_percentile_is_its_python_value():
+    values = np.random.default_rng(9).normal(size=(300, 77)).astype(np.float32)
+    qs = [float(q) for q in np.linspace(1, 99, 23)]
+    assert percentiles(values, [np.float64(q) for q in qs]) == [float(np.percentile(values, q)) for q in qs]
+
+
 def test_a_batch_clips_at_the_percentiles_each_config_gets_alone(setup):
     head, fit, fresh = setup
     configs = [("react", {"percentile": q}) for q in (80, 85, 90, 95.5)]

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.allocator import freed_memory_kept
 from featcache.errors import FeatcacheError
 
 SCORE_COLUMNS = ("split", "role", "group", "id", "label", "score", "prediction")
@@ -226,7 +225,7 @@ def sweep(cache, grid: Mapping, *, out=None, jobs: int = 1, backend: str = "loky
         raise FeatcacheError(f"jobs must be a positive integer, got {jobs!r}")
     groups = _groups(groups)
     scratch = tempfile.TemporaryDirectory(prefix="featcache-sweep-") if out is None else nullcontext(Path(out).parent)
-    with scratch as folder, freed_memory_kept():
+    with scratch as folder:
         target = Path(folder) / "sweep.csv" if out is None else Path(out)
         rows = run_sweep(grid, cache, target, jobs=jobs, progress=progress, storage_options=storage_options,
                          backend=backend, scheduler=scheduler, groups=groups, overwrite=overwrite,
@@ -283,7 +282,7 @@ def select(cache, grid: Mapping, *, criterion: str = "auroc", benchmark: str | N
     load_plugins(_plugins(plugins))
     grid = _grid(grid)
     scratch = tempfile.TemporaryDirectory(prefix="featcache-select-") if out is None else nullcontext(Path(out).parent)
-    with scratch as folder, freed_memory_kept():
+    with scratch as folder:
         target = Path(folder) / "selection.csv" if out is None else Path(out)
         rows = select_to_csv(grid, cache, target, criterion=criterion, benchmark=benchmark,
                              paper_defaults=dict(paper_defaults or {}), groups=_groups(groups), progress=progress,
@@ -337,7 +336,7 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
     chosen = get_method(str(method))
     resolved = chosen.resolve(params)
     parts = []
-    with open_cache(cache, storage_options=storage_options) as opened, freed_memory_kept():
+    with open_cache(cache, storage_options=storage_options) as opened:
         replay = load_replay(opened)
         refuse_flat_prepool(replay, [chosen.name])
         group_of = {s.name: str(s.attrs["group"]) for s in opened.splits() if s.attrs.get("group")}

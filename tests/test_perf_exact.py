@@ -342,3 +342,29 @@ def test_dice_heads_of_a_batch_are_each_np_percentiles():
     for p, sparse in zip(ps, dice_heads(head, mean, ps)):
         contrib = mean[None, :] * w.astype(np.float64)
         assert np.array_equal(sparse.weight, np.where(contrib > np.percentile(contrib, p), w, 0))
+
+
+def test_concurrent_calls_give_the_serial_numbers():
+    """Methods called from several threads at once (the Python API in a threaded program) give the
+    numbers each gives alone: BLAS stays on one thread per block until the last call ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(21)
+    k, d = 520, 512  # over PRECISE_HEAD_WEIGHTS: float32 products, whose bits depend on BLAS's threads
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    head, fit = Head(w, b), Fit(split(rng, 300, d, w, b, "train"))
+    configs = [("ash_s", {"p": 80}), ("ash_b", {"p": 60}), ("react", {"clip": 0.7}), ("dice", {"p": 50})] * 3
+
+    def run(i):
+        name, params = configs[i]
+        method = get_method(name)
+        fresh = split(np.random.default_rng(22 + i), 4000, d, w, b)  # nothing memoised from another run
+        return method(fresh, head, fit, **method.resolve(params)).scores
+
+    serial = [run(i) for i in range(len(configs))]
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(run, range(len(configs))))
+        for i, (alone, together) in enumerate(zip(serial, concurrent)):
+            assert np.array_equal(alone, together), configs[i]

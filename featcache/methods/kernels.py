@@ -28,6 +28,7 @@ def n_workers() -> int:
 
 _POOL: dict = {}  # the worker threads and the BLAS limiter, made once per process: a sweep calls this hundreds of times
 _IN_WORKER = threading.local()
+_ONE_CALL_AT_A_TIME = threading.Lock()
 
 
 def _pool_and_limiter(workers: int):
@@ -68,7 +69,10 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
 
     from concurrent.futures import wait
 
-    with controller.limit(limits=1, user_api="blas"):
+    # One call at a time in the process: BLAS's thread limit is the process's, so a call ending
+    # while another multiplies would let that one's products run threaded, with other rounding than
+    # they have alone (threads of a program using the API). The cores are all busy with one call.
+    with _ONE_CALL_AT_A_TIME, controller.limit(limits=1, user_api="blas"):
         futures = [pool.submit(run, start, stop) for start, stop in blocks]
         wait(futures)  # all of them, so that none still runs when an error is raised
         for future in futures:

@@ -368,3 +368,23 @@ def test_concurrent_calls_give_the_serial_numbers():
             concurrent = list(pool.map(run, range(len(configs))))
         for i, (alone, together) in enumerate(zip(serial, concurrent)):
             assert np.array_equal(alone, together), configs[i]
+
+
+def test_a_one_block_split_does_not_depend_on_blas_threads():
+    """A split of one block runs in the calling thread; its products still run on one BLAS thread, so
+    its numbers do not depend on how many threads the process (or --jobs) lets BLAS have."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(23)
+    k, d = 520, 512
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    head, fit = Head(w, b), Fit(split(rng, 300, d, w, b, "train"))
+    for name, params in [("ash_b", {"p": 60}), ("react", {"clip": 0.7}), ("dice", {"p": 50})]:
+        method = get_method(name)
+        scores = []
+        for blas_threads in (1, 4):
+            with threadpool_limits(blas_threads, user_api="blas"):
+                data = split(np.random.default_rng(24), 700, d, w, b)
+                scores.append(method(data, head, fit, **method.resolve(params)).scores)
+        assert np.array_equal(*scores), name

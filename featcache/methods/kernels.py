@@ -54,11 +54,22 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     """
     blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
     workers = min(n_workers(), len(blocks))
-    if workers <= 1 or getattr(_IN_WORKER, "active", False):
+    if getattr(_IN_WORKER, "active", False):  # nested: already one call, with BLAS on one thread
         for start, stop in blocks:
             fn(start, stop)
         return
     pool, controller = _pool_and_limiter(n_workers())
+    if workers <= 1:
+        # one block, or one core: in this thread, but as a block in a worker is, BLAS on one thread, so
+        # that a split's numbers do not depend on its size, the cores or --jobs
+        with _ONE_CALL_AT_A_TIME, controller.limit(limits=1, user_api="blas"):
+            _IN_WORKER.active = True  # a call nested in fn runs serially, without the lock held here
+            try:
+                for start, stop in blocks:
+                    fn(start, stop)
+            finally:
+                _IN_WORKER.active = False
+        return
 
     def run(start, stop):
         _IN_WORKER.active = True

@@ -388,3 +388,24 @@ def test_a_one_block_split_does_not_depend_on_blas_threads():
                 data = split(np.random.default_rng(24), 700, d, w, b)
                 scores.append(method(data, head, fit, **method.resolve(params)).scores)
         assert np.array_equal(*scores), name
+
+
+def test_knn_at_every_planned_k_from_one_product(setup, monkeypatch):
+    """A batch's KNN configurations with one bank multiply the split with it once, and each k gets
+    the distance a brute-force search gives."""
+    import featcache.methods.knn as knn_module
+
+    head, fit, fresh = setup
+    configs = [("knn", {"k": k, "bank": 1.0, "seed": 0}) for k in (1, 5, 50)] + [("knn", {"k": 10, "bank": 0.5, "seed": 0})]
+    calls = []
+    original = knn_module.kth_neighbour_distances
+    monkeypatch.setattr(knn_module, "kth_neighbour_distances", lambda q, b, ks: calls.append(sorted(ks)) or original(q, b, ks))
+    shared = scored(setup, configs, True)
+    assert sorted(calls) == [[1, 5, 50], [10]]
+    data = fresh()
+    queries = data.features / (np.linalg.norm(data.features, axis=1, keepdims=True) + 1e-10)
+    bank = knn_module.knn_bank(fit, 1.0, 0).astype(np.float64)
+    brute = np.sort(((queries[:50, None, :] - bank[None]) ** 2).sum(axis=2), axis=1)  # squared distances
+    for k in (1, 5, 50):
+        distance = -shared[("knn", str({"k": k, "bank": 1.0, "seed": 0}))][0][:50]
+        np.testing.assert_allclose(distance ** 2, brute[:, k - 1], rtol=1e-4, atol=1e-6)  # float32 products

@@ -211,13 +211,14 @@ TOP_K_METHODS = {"ash_p", "ash_b", "ash_s", "scale", "react+ash_p", "react+ash_b
 
 def shared_top_k(data, k: int) -> TopK:
     """The split's `TopK` at k, computed along with every other k its batch plans (`TOP_K_METHODS`)."""
-    if not data.has(("top_k", k)):
-        d = data.features.shape[1]
-        planned = {keep_count(d, params["p"]) for params in data.planned(TOP_K_METHODS) if "p" in params}
-        missing = [j for j in planned | {k} if not data.has(("top_k", j))]
-        for j, stats in top_k_stats(data.features, missing).items():
-            data.memo(("top_k", j), lambda stats=stats: stats)
-    return data.memo(("top_k", k), lambda: top_k_stats(data.features, [k])[k])
+    d = data.features.shape[1]
+    planned = [keep_count(d, params["p"]) for params in data.planned(TOP_K_METHODS) if "p" in params]
+
+    def compute(ks):
+        stats = top_k_stats(data.features, ks)
+        return [stats[j] for j in ks]
+
+    return data.memo_together(("top_k",), k, planned, compute)
 
 
 def feature_sums(data) -> np.ndarray:

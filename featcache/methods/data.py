@@ -65,10 +65,9 @@ class Head:
             def finish(z, out, index):
                 if row_scale is None:
                     np.copyto(out, z)  # then the bias in place: faster than numpy's casting add, the same numbers
-                    out += bias
                 else:
                     np.multiply(z, row_scale[index, None], out=out, dtype=np.float64)
-                    out += bias
+                out += bias
             return finish
 
         return energy_blocks_shared(product, [finish_with(r) for r in row_scales], len(x) if n is None else n, T)
@@ -104,6 +103,15 @@ class SplitData:
     def has(self, key) -> bool:
         """Whether `memo(key, ...)` has its value already."""
         return key in self._memo
+
+    def memo_together(self, key: tuple, value, others, compute):
+        """memo(key + (value,)), computed in one pass with those of `others` (the values the batch will
+        ask for next) not memoised yet: compute(values) returns their results, in order."""
+        if not self.has(key + (value,)):
+            missing = [v for v in dict.fromkeys([value, *others]) if not self.has(key + (v,))]
+            for v, result in zip(missing, compute(missing)):
+                self.memo(key + (v,), lambda result=result: result)
+        return self._memo[key + (value,)]
 
     def wants(self, method: str, params: dict) -> bool:
         """Whether the batch scores `method` with `params` on this split (see `plan`)."""
@@ -158,9 +166,8 @@ class Fit:
     def memo(self, key, compute):
         return self.data.memo(("fit",) + tuple(key), compute)
 
-    def has(self, key) -> bool:
-        """Whether `memo(key, ...)` has its value already."""
-        return ("fit",) + tuple(key) in self.data._memo
+    def memo_together(self, key, value, others, compute):
+        return self.data.memo_together(("fit",) + tuple(key), value, others, compute)
 
     def split(self, role: str) -> SplitData:
         """The fitted-on split of `role`: id_train, or id_val when the cache has one."""
@@ -176,11 +183,7 @@ class Fit:
         """np.percentile (linear) over every entry of the features of `of` (id_train or id_val):
         ReAct's clip. The percentiles `also` (others the batch will ask for) are computed with it, from
         one sort of the values instead of one partition each."""
-        missing = [v for v in dict.fromkeys([q, *also]) if not self.has(("percentile", of, v))]
-        if missing:
-            for v, value in zip(missing, percentiles(self.split(of).features, missing)):
-                self.memo(("percentile", of, v), lambda value=value: value)
-        return self.memo(("percentile", of, q), None)
+        return self.memo_together(("percentile", of), q, also, lambda qs: percentiles(self.split(of).features, qs))
 
     @cached_property
     def mean_feature(self) -> np.ndarray:

@@ -34,13 +34,7 @@ def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
 
 @register("dice", defaults={"p": 90}, paper=DICE_PAPER)
 def dice(data, head, fit, p):
-    def with_the_batch():
-        # the heads at the batch's other p are made in the same pass, as ReAct's clips are
-        ps = [q for q in dict.fromkeys([p, *(params["p"] for params in data.planned({"dice"}))]) if q == p or not fit.has(("dice_head", q))]
-        heads = dict(zip(ps, dice_heads(head, fit.mean_feature, ps)))
-        for q, sparse in heads.items():
-            if q != p:
-                fit.memo(("dice_head", q), lambda sparse=sparse: sparse)
-        return heads[p]
-
-    return Output(*fit.memo(("dice_head", p), with_the_batch).energy(data.features))
+    # the heads at the batch's other p are made in the same pass, as ReAct's clips are
+    sparse = fit.memo_together(("dice_head",), p, [params["p"] for params in data.planned({"dice"})],
+                               lambda ps: dice_heads(head, fit.mean_feature, ps))
+    return Output(*sparse.energy(data.features))

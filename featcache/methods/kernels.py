@@ -59,17 +59,6 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
             fn(start, stop)
         return
     pool, controller = _pool_and_limiter(n_workers())
-    if workers <= 1:
-        # one block, or one core: in this thread, but as a block in a worker is, BLAS on one thread, so
-        # that a split's numbers do not depend on its size, the cores or --jobs
-        with _ONE_CALL_AT_A_TIME, controller.limit(limits=1, user_api="blas"):
-            _IN_WORKER.active = True  # a call nested in fn runs serially, without the lock held here
-            try:
-                for start, stop in blocks:
-                    fn(start, stop)
-            finally:
-                _IN_WORKER.active = False
-        return
 
     def run(start, stop):
         _IN_WORKER.active = True
@@ -80,10 +69,16 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
 
     from concurrent.futures import wait
 
-    # One call at a time in the process: BLAS's thread limit is the process's, so a call ending
-    # while another multiplies would let that one's products run threaded, with other rounding than
-    # they have alone (threads of a program using the API). The cores are all busy with one call.
+    # One call at a time in the process, and BLAS on one thread even for one block in this thread:
+    # BLAS's thread limit is the process's, so a call ending while another multiplies would let that
+    # one's products run threaded, with other rounding than they have alone (threads of a program
+    # using the API), and a split's numbers would depend on its size, the cores or --jobs. The cores
+    # are all busy with one call.
     with _ONE_CALL_AT_A_TIME, controller.limit(limits=1, user_api="blas"):
+        if workers <= 1:  # one block, or one core: here, as a worker would (a nested call runs serially)
+            for start, stop in blocks:
+                run(start, stop)
+            return
         futures = [pool.submit(run, start, stop) for start, stop in blocks]
         wait(futures)  # all of them, so that none still runs when an error is raised
         for future in futures:

@@ -30,14 +30,10 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
 
 
-def kth_neighbour_distance(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """Euclidean distance from each (normalised) query to its k-th nearest row of `bank`."""
-    return kth_neighbour_distances(queries, bank, [k])[k]
-
-
 def kth_neighbour_distances(queries: np.ndarray, bank: np.ndarray, ks) -> dict[int, np.ndarray]:
-    """`kth_neighbour_distance` for each k of ks, from one product of the queries with the bank (the
-    k-th smallest of the same squared distances, whichever other ks are asked for)."""
+    """Euclidean distance from each (normalised) query to its k-th nearest row of `bank`, for each k of
+    ks, from one product of the queries with the bank (the k-th smallest of the same squared
+    distances, whichever other ks are asked for)."""
     ks = sorted(set(ks))
     for k in ks:
         if not 1 <= k <= len(bank):
@@ -75,13 +71,12 @@ KNN_PAPER = {"cifar10": {"k": 50, "bank": 1.0, "seed": 0}, "cifar100": {"k": 50,
 @register("knn", defaults={"k": 50, "bank": 1.0, "seed": 0}, integer=("k",), nap_offset=2.0, paper=KNN_PAPER)
 def knn(data, head, fit, k, bank, seed):
     # every k the batch plans with this bank, from one product of the split with it
-    key = ("knn", bank, seed)
-    if not data.has(key + (k,)):
-        features = knn_bank(fit, bank, seed)
-        planned = {params["k"] for params in data.planned({"knn"}) if params.get("bank") == bank
-                   and params.get("seed") == seed and 1 <= params["k"] <= len(features)}  # others fail alone
-        missing = [j for j in planned | {k} if not data.has(key + (j,))]
-        found = kth_neighbour_distances(l2_normalise(data.features), features, missing)
-        for j, distances in found.items():
-            data.memo(key + (j,), lambda distances=distances: distances)
-    return Output(-data.memo(key + (k,), None), original_predictions(data))
+    features = knn_bank(fit, bank, seed)
+    planned = [params["k"] for params in data.planned({"knn"}) if params.get("bank") == bank
+               and params.get("seed") == seed and 1 <= params["k"] <= len(features)]  # others fail alone
+
+    def compute(ks):
+        found = kth_neighbour_distances(l2_normalise(data.features), features, ks)
+        return [found[j] for j in ks]
+
+    return Output(-data.memo_together(("knn", bank, seed), k, planned, compute), original_predictions(data))

@@ -51,6 +51,14 @@ class SortedScores:
         self.values = self.sorted[starts]
         self.up_to = np.append(starts[1:], self.n)  # at_most(values), without a search
         self.counts = np.diff(starts, append=self.n)
+        self.starts = starts
+
+    def count_placed(self, positions, counts):
+        """For each sorted score j, the sum of `counts` over the other split's values o with
+        positions[o] <= j. With positions = how many of these scores are <= o (at_most), that is how
+        many of the other scores lie below score j (o < score j exactly when j >= #<= o); with positions
+        = how many are < o, how many lie at or below it. One pass instead of a search per score."""
+        return np.cumsum(np.bincount(np.repeat(positions, counts), minlength=self.n + 1)[: self.n])
 
     def at_least(self, t):
         """How many scores are >= t, for each t."""
@@ -72,9 +80,11 @@ def ood_metrics(id_scores, ood_scores) -> dict:
     threshold = ids.sorted[round(ID_REJECTED * ids.n)]
     fpr95 = float((ood.n - ood.at_most(threshold)) / ood.n)
     # AUROC = P(ID > OOD) + P(ID = OOD) / 2, counted per distinct OOD value
-    # each other's distinct values placed among the sorted scores once (a split's own need no search)
+    # each distinct OOD value placed among the sorted ID scores, the only search; the OOD counts at
+    # the ID values follow from those places by counting
     id_ge_ood, id_le_ood = ids.at_least(ood.values), ids.at_most(ood.values)
-    ood_ge_id, ood_le_id = ood.at_least(ids.values), ood.at_most(ids.values)
+    ood_ge_id = ood.n - ids.count_placed(id_le_ood, ood.counts)[ids.starts]
+    ood_le_id = ids.count_placed(ids.n - id_ge_ood, ood.counts)[ids.starts]
     below = ids.n - id_ge_ood  # ID scores strictly below each OOD value
     ties = id_le_ood - below
     auroc = float(np.sum(ood.counts * (ids.n - below - ties + 0.5 * ties)) / (ids.n * ood.n))

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from featcache.errors import FeatcacheError
-from featcache.metrics import accuracy, ood_metrics
+from featcache.metrics import SortedScores, accuracy, ood_metrics
 
 
 def brute_auroc(id_s, ood_s):
@@ -68,3 +68,16 @@ def test_infinite_scores_rank_and_nan_is_refused():
 
 def test_accuracy():
     assert accuracy(np.array([1, 0, 1]), np.array([1, 0, 0])) == pytest.approx(2 / 3)
+
+
+def test_counts_placed_among_sorted_scores_are_brute_force_counts(rng):
+    # the OOD counts at each ID score come from where the OOD values fall among the ID scores;
+    # checked against counting every pair, with ties within and across the splits and infinities
+    for n_id, n_ood in ((1, 1), (7, 40), (300, 25)):
+        id_s = np.round(rng.normal(size=n_id) * 2) / 2
+        ood_s = np.concatenate([np.round(rng.normal(size=n_ood - 1) * 2) / 2, [np.inf]])
+        ids, ood = SortedScores(id_s), SortedScores(ood_s)
+        below = ids.count_placed(ids.at_most(ood.values), ood.counts)
+        at_or_below = ids.count_placed(ids.n - ids.at_least(ood.values), ood.counts)
+        assert below.tolist() == [int(np.sum(ood_s < v)) for v in ids.sorted]
+        assert at_or_below.tolist() == [int(np.sum(ood_s <= v)) for v in ids.sorted]

@@ -426,3 +426,18 @@ def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):
     for T in (1.0, 0.5, 4.0):
         expected = [bf_energy([float(a) for a in row], T) for row in f]
         assert_close(energy(f, T), expected, rtol=1e-12, atol=1e-9)
+
+
+def test_energy_takes_each_blocks_known_top_instead_of_a_pass(rng):
+    # a sweep of T reads each LSE block's largest logit instead of finding it again; the tops are the
+    # blocks' maxima (checked by hand) and the energies, with a far row, stay the brute-force ones
+    from featcache.methods.kernels import LSE_BLOCK, ROW_BLOCK, energy, lse_block_tops
+
+    f = rng.normal(0, 3, size=(ROW_BLOCK + LSE_BLOCK + 57, 30)).astype(np.float32)
+    f[LSE_BLOCK + 3] -= 2000
+    tops = lse_block_tops(f)
+    assert tops.tolist() == [float(f[a : a + LSE_BLOCK].max()) for a in range(0, len(f), LSE_BLOCK)]
+    for T in (1.0, 7.0):
+        expected = [bf_energy([float(a) for a in row], T) for row in f]
+        assert_close(energy(f, T, tops), expected, rtol=1e-12, atol=1e-9)
+        assert np.array_equal(energy(f, T, tops), energy(f, T))

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.kernels import energy, energy_blocks_shared
+from featcache.methods.kernels import energy, energy_blocks_shared, lse_block_tops
 
 
 PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
@@ -242,7 +242,8 @@ class Output:
 
 def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:
     """Energy of the cached (original) logits, computed once per split and T."""
-    return data.memo(("energy", T), lambda: energy(data.logits, T))
+    tops = data.memo(("logit block tops",), lambda: lse_block_tops(data.logits))
+    return data.memo(("energy", T), lambda: energy(data.logits, T, tops))
 
 
 def original_predictions(data: "SplitData") -> np.ndarray:

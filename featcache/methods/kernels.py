@@ -150,8 +150,9 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
     return outs
 
 
-def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
-    """T * logsumexp(f / T) per row, in float64."""
+def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = None) -> np.ndarray:
+    """T * logsumexp(f / T) per row, in float64; `block_tops`, lse_block_tops(logits) when already
+    known (they do not depend on T: a sweep of T reads them instead of a pass over the logits)."""
     out = np.empty(len(logits))
 
     def run(start, stop):
@@ -159,10 +160,22 @@ def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
         for a in range(start, stop, LSE_BLOCK):
             b = min(a + LSE_BLOCK, stop)
             out[a:b] = _energy_inplace(buffer[: b - a], T, lambda low, a=a: logits[a + low].astype(np.float64),
-                                       rows=logits[a:b])
+                                       rows=logits[a:b], top=None if block_tops is None else block_tops[a // LSE_BLOCK])
 
     map_row_blocks(run, len(logits))
     return out
+
+
+def lse_block_tops(logits: np.ndarray) -> np.ndarray:
+    """The largest value of each LSE_BLOCK rows of `logits`, in float64: the shift `energy` takes."""
+    tops = np.empty(-(-len(logits) // LSE_BLOCK))
+
+    def run(start, stop):
+        for a in range(start, stop, LSE_BLOCK):
+            tops[a // LSE_BLOCK] = logits[a : min(a + LSE_BLOCK, stop)].max()  # as _energy_inplace takes it
+
+    map_row_blocks(run, len(logits))
+    return tops
 
 
 def row_reduce(fn: Callable, n: int, block: int = ROW_BLOCK) -> np.ndarray:

@@ -53,7 +53,7 @@ class Head:
         """
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
-        weight_t = self.weight.T.astype(dtype)
+        weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight already has the dtype: no copy per call
 
         def product(start, stop):
             return np.asarray(rows(start, stop), dtype=dtype) @ weight_t

@@ -27,10 +27,6 @@ def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
     return np.minimum(x, np.float32(k)).sum(axis=1, dtype=np.float64)
 
 
-
-
-
-
 ALPHA_SAMPLES = 1000
 
 

@@ -80,8 +80,8 @@ def ood_metrics(id_scores, ood_scores) -> dict:
     threshold = ids.sorted[round(ID_REJECTED * ids.n)]
     fpr95 = float((ood.n - ood.at_most(threshold)) / ood.n)
     # AUROC = P(ID > OOD) + P(ID = OOD) / 2, counted per distinct OOD value
-    # each distinct OOD value placed among the sorted ID scores, the only search; the OOD counts at
-    # the ID values follow from those places by counting
+    # each distinct OOD value placed among the sorted ID scores (two searches); the OOD counts at the
+    # ID scores follow from those places by counting, with no search of the ID scores among the OOD
     id_ge_ood, id_le_ood = ids.at_least(ood.values), ids.at_most(ood.values)
     ood_ge_id = ood.n - ids.count_placed(id_le_ood, ood.counts)[ids.starts]
     ood_le_id = ids.count_placed(ids.n - id_ge_ood, ood.counts)[ids.starts]

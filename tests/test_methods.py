@@ -428,16 +428,35 @@ def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):
         assert_close(energy(f, T), expected, rtol=1e-12, atol=1e-9)
 
 
-def test_energy_takes_each_blocks_known_top_instead_of_a_pass(rng):
-    # a sweep of T reads each LSE block's largest logit instead of finding it again; the tops are the
-    # blocks' maxima (checked by hand) and the energies, with a far row, stay the brute-force ones
-    from featcache.methods.kernels import LSE_BLOCK, ROW_BLOCK, energy, lse_block_tops
+def test_energy_finds_each_blocks_top_once_and_reads_it_at_other_temperatures(rng):
+    # the first T records each LSE block's largest logit (checked against the blocks' maxima by
+    # hand); a later T takes the tops it is given instead of finding them again: tops moved up by 1
+    # still give the brute-force energies (any shift does) but not the same last bits
+    from featcache.methods.kernels import LSE_BLOCK, ROW_BLOCK, energy, n_lse_blocks
 
     f = rng.normal(0, 3, size=(ROW_BLOCK + LSE_BLOCK + 57, 30)).astype(np.float32)
-    f[LSE_BLOCK + 3] -= 2000
-    tops = lse_block_tops(f)
+    f[LSE_BLOCK + 3] -= 2000  # its sum underflows under its block's shift: redone with its own
+    tops = np.empty(n_lse_blocks(len(f)))
+    found = energy(f, 1.0, tops_out=tops)
     assert tops.tolist() == [float(f[a : a + LSE_BLOCK].max()) for a in range(0, len(f), LSE_BLOCK)]
+    assert np.array_equal(found, energy(f, 1.0))
     for T in (1.0, 7.0):
         expected = [bf_energy([float(a) for a in row], T) for row in f]
-        assert_close(energy(f, T, tops), expected, rtol=1e-12, atol=1e-9)
-        assert np.array_equal(energy(f, T, tops), energy(f, T))
+        assert np.array_equal(energy(f, T, block_tops=tops), energy(f, T))
+        moved = energy(f, T, block_tops=tops + 1)
+        assert_close(moved, expected, rtol=1e-12, atol=1e-9)
+        assert not np.array_equal(moved, energy(f, T))
+
+
+def test_original_energy_keeps_the_block_tops_for_the_next_temperature(rng):
+    from featcache.methods.data import original_energy
+    from featcache.methods.kernels import energy
+
+    logits = rng.normal(0, 3, size=(700, 20)).astype(np.float32)
+    data = SplitData("s", logits=logits)
+    first = original_energy(data, 1.0)
+    assert np.array_equal(first, energy(logits, 1.0))
+    data._memo[("logit block tops",)] = data._memo[("logit block tops",)] + 1  # what a later T must read
+    second = original_energy(data, 2.0)
+    assert_close(second, [bf_energy([float(a) for a in row], 2.0) for row in logits], rtol=1e-12, atol=1e-9)
+    assert not np.array_equal(second, energy(logits, 2.0))

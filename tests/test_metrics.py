@@ -74,8 +74,10 @@ def test_counts_placed_among_sorted_scores_are_brute_force_counts(rng):
     # the OOD counts at each ID score come from where the OOD values fall among the ID scores;
     # checked against counting every pair, with ties within and across the splits and infinities
     for n_id, n_ood in ((1, 1), (7, 40), (300, 25)):
-        id_s = np.round(rng.normal(size=n_id) * 2) / 2
+        id_s = np.concatenate([np.round(rng.normal(size=n_id - 1) * 2) / 2, [-np.inf]])
         ood_s = np.concatenate([np.round(rng.normal(size=n_ood - 1) * 2) / 2, [np.inf]])
+        if n_id > 2:
+            id_s[:2], ood_s[:1] = np.inf, -np.inf
         ids, ood = SortedScores(id_s), SortedScores(ood_s)
         below = ids.count_placed(ids.at_most(ood.values), ood.counts)
         at_or_below = ids.count_placed(ids.n - ids.at_least(ood.values), ood.counts)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.methods.kernels import energy, energy_blocks_shared, lse_block_tops
+from featcache.methods.kernels import energy, energy_blocks_shared, n_lse_blocks
 
 
 PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
@@ -241,9 +241,17 @@ class Output:
 
 
 def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:
-    """Energy of the cached (original) logits, computed once per split and T."""
-    tops = data.memo(("logit block tops",), lambda: lse_block_tops(data.logits))
-    return data.memo(("energy", T), lambda: energy(data.logits, T, tops))
+    """Energy of the cached (original) logits, computed once per split and T; the logits' block maxima
+    that the first T finds serve every other T."""
+    def compute():
+        if data.has(("logit block tops",)):
+            return energy(data.logits, T, block_tops=data.memo(("logit block tops",), None))
+        tops = np.empty(n_lse_blocks(len(data.logits)))
+        scores = energy(data.logits, T, tops_out=tops)
+        data.memo(("logit block tops",), lambda: tops)
+        return scores
+
+    return data.memo(("energy", T), compute)
 
 
 def original_predictions(data: "SplitData") -> np.ndarray:

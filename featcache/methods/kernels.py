@@ -150,32 +150,33 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
     return outs
 
 
-def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = None) -> np.ndarray:
-    """T * logsumexp(f / T) per row, in float64; `block_tops`, lse_block_tops(logits) when already
-    known (they do not depend on T: a sweep of T reads them instead of a pass over the logits)."""
+def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = None,
+           tops_out: np.ndarray | None = None) -> np.ndarray:
+    """T * logsumexp(f / T) per row, in float64.
+
+    Each LSE_BLOCK rows are shifted by their largest value: `block_tops` when already known (they do
+    not depend on T, so a sweep of T reads them instead of a pass over the logits), else found and,
+    when `tops_out` (one float64 per block) is given, written there.
+    """
     out = np.empty(len(logits))
 
     def run(start, stop):
         buffer = np.empty((min(LSE_BLOCK, stop - start), logits.shape[1]))
         for a in range(start, stop, LSE_BLOCK):
             b = min(a + LSE_BLOCK, stop)
+            rows = logits[a:b]
+            top = np.float64(rows.max()) if block_tops is None else block_tops[a // LSE_BLOCK]
+            if tops_out is not None:
+                tops_out[a // LSE_BLOCK] = top
             out[a:b] = _energy_inplace(buffer[: b - a], T, lambda low, a=a: logits[a + low].astype(np.float64),
-                                       rows=logits[a:b], top=None if block_tops is None else block_tops[a // LSE_BLOCK])
+                                       rows=rows, top=top)
 
     map_row_blocks(run, len(logits))
     return out
 
 
-def lse_block_tops(logits: np.ndarray) -> np.ndarray:
-    """The largest value of each LSE_BLOCK rows of `logits`, in float64: the shift `energy` takes."""
-    tops = np.empty(-(-len(logits) // LSE_BLOCK))
-
-    def run(start, stop):
-        for a in range(start, stop, LSE_BLOCK):
-            tops[a // LSE_BLOCK] = logits[a : min(a + LSE_BLOCK, stop)].max()  # as _energy_inplace takes it
-
-    map_row_blocks(run, len(logits))
-    return tops
+def n_lse_blocks(n: int) -> int:
+    return -(-n // LSE_BLOCK)
 
 
 def row_reduce(fn: Callable, n: int, block: int = ROW_BLOCK) -> np.ndarray:

@@ -460,3 +460,19 @@ def test_original_energy_keeps_the_block_tops_for_the_next_temperature(rng):
     second = original_energy(data, 2.0)
     assert_close(second, [bf_energy([float(a) for a in row], 2.0) for row in logits], rtol=1e-12, atol=1e-9)
     assert not np.array_equal(second, energy(logits, 2.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_clip_above_is_numpys_minimum_to_the_bit(rng, dtype):
+    from featcache.methods.kernels import clip_above
+
+    x = rng.normal(size=(37, 53)).astype(dtype)
+    where = rng.random(x.shape)
+    x[where < 0.1], x[(where >= 0.1) & (where < 0.2)] = 0.0, -0.0
+    x[(where >= 0.2) & (where < 0.25)], x[(where >= 0.25) & (where < 0.3)] = np.nan, -np.inf
+    for c in (np.float32(0.0), np.float32(-0.0), np.float32(0.7), np.float32(np.inf), np.float32(np.nan)):
+        for rows in (x, x[3]):
+            expected = np.minimum(rows, c)
+            got = clip_above(rows, c)
+            assert got.dtype == expected.dtype
+            assert got.tobytes() == expected.tobytes()

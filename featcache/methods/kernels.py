@@ -179,6 +179,14 @@ def n_lse_blocks(n: int) -> int:
     return -(-n // LSE_BLOCK)
 
 
+def clip_above(x: np.ndarray, c: np.generic) -> np.ndarray:
+    """min(x, c) elementwise, for a numpy scalar c (its dtype takes part in the result's, as numpy's
+    own scalars do): np.minimum(x, c) to the bit, zeros' signs and NaN included. numpy runs a scalar
+    operand through a loop about 2.5 times slower than a row broadcast down the rows, so c goes in
+    as a row."""
+    return np.minimum(x, np.full(x.shape[-1:], c))
+
+
 def row_reduce(fn: Callable, n: int, block: int = ROW_BLOCK) -> np.ndarray:
     """fn(start, stop) -> one float64 per row, over all rows, `block` rows at a time on all cores."""
     out = np.empty(n)

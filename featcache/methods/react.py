@@ -18,6 +18,7 @@ import numpy as np
 
 from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, shared_top_k, top_k_mask
 from featcache.methods.data import Output
+from featcache.methods.kernels import clip_above
 from featcache.methods.rg import shared_clipped_sum
 from featcache.errors import FeatcacheError
 from featcache.methods.registry import every_benchmark, register
@@ -25,7 +26,7 @@ from featcache.methods.registry import every_benchmark, register
 
 def react_features(x: np.ndarray, c: float) -> np.ndarray:
     """min(x, c) elementwise."""
-    return np.minimum(x, np.float32(c))
+    return clip_above(x, np.float32(c))
 
 
 def clip_value(fit, clip=None, percentile=None, percentile_of="id_train", data=None) -> float:

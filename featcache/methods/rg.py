@@ -18,13 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_energy, original_predictions
-from featcache.methods.kernels import energy, row_reduce
+from featcache.methods.kernels import clip_above, energy, row_reduce
 from featcache.methods.registry import register
 
 
 def clipped_sum(x: np.ndarray, k: float) -> np.ndarray:
     """sum_i min(x_i, k) per sample, in float64."""
-    return np.minimum(x, np.float32(k)).sum(axis=1, dtype=np.float64)
+    return clip_above(x, np.float32(k)).sum(axis=1, dtype=np.float64)
 
 
 ALPHA_SAMPLES = 1000

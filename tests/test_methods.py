@@ -431,7 +431,8 @@ def test_energy_of_rows_far_apart_neither_overflows_nor_underflows(rng):
 def test_energy_finds_each_blocks_top_once_and_reads_it_at_other_temperatures(rng):
     # the first T records each LSE block's largest logit (checked against the blocks' maxima by
     # hand); a later T takes the tops it is given instead of finding them again: tops moved up by 1
-    # still give the brute-force energies (any shift does) but not the same last bits
+    # still give the brute-force energies (a small shift does not change the maths) but not the same
+    # last bits
     from featcache.methods.kernels import LSE_BLOCK, ROW_BLOCK, energy, n_lse_blocks
 
     f = rng.normal(0, 3, size=(ROW_BLOCK + LSE_BLOCK + 57, 30)).astype(np.float32)
@@ -471,8 +472,9 @@ def test_clip_above_is_numpys_minimum_to_the_bit(rng, dtype):
     x[where < 0.1], x[(where >= 0.1) & (where < 0.2)] = 0.0, -0.0
     x[(where >= 0.2) & (where < 0.25)], x[(where >= 0.25) & (where < 0.3)] = np.nan, -np.inf
     for c in (np.float32(0.0), np.float32(-0.0), np.float32(0.7), np.float32(np.inf), np.float32(np.nan)):
-        for rows in (x, x[3]):
+        for rows in (x, x[3], x[:, ::3], x.T):
             expected = np.minimum(rows, c)
             got = clip_above(rows, c)
             assert got.dtype == expected.dtype
             assert got.tobytes() == expected.tobytes()
+    assert clip_above([[0.5, 2.0], [-0.0, 3.0]], np.float32(1.0)).tolist() == [[0.5, 1.0], [-0.0, 1.0]]

@@ -155,8 +155,8 @@ def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = N
     """T * logsumexp(f / T) per row, in float64.
 
     Each LSE_BLOCK rows are shifted by their largest value: `block_tops` when already known (they do
-    not depend on T, so a sweep of T reads them instead of a pass over the logits), else found and,
-    when `tops_out` (one float64 per block) is given, written there.
+    not depend on T, so a sweep of T reads them instead of a pass over the logits), else found; when
+    `tops_out` (n_lse_blocks(len(logits)) float64) is given, the tops used are written there.
     """
     out = np.empty(len(logits))
 
@@ -176,15 +176,16 @@ def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = N
 
 
 def n_lse_blocks(n: int) -> int:
+    """How many LSE_BLOCK-row blocks `energy` shifts n rows in: the length of its block tops."""
     return -(-n // LSE_BLOCK)
 
 
-def clip_above(x: np.ndarray, c: np.generic) -> np.ndarray:
-    """min(x, c) elementwise, for a numpy scalar c (its dtype takes part in the result's, as numpy's
-    own scalars do): np.minimum(x, c) to the bit, zeros' signs and NaN included. numpy runs a scalar
-    operand through a loop about 2.5 times slower than a row broadcast down the rows, so c goes in
-    as a row."""
-    return np.minimum(x, np.full(x.shape[-1:], c))
+def clip_above(x, c: np.generic) -> np.ndarray:
+    """min(x, c) elementwise, for a numpy scalar c: np.minimum(x, c) to the bit, its dtype, zeros'
+    signs and NaN included. numpy runs a scalar operand through a loop about 2.5 times slower than a
+    row broadcast down the rows, so c goes in as a row of the result's dtype."""
+    x = np.asarray(x)
+    return np.minimum(x, np.full(x.shape[-1:], c, dtype=np.result_type(x, c)))
 
 
 def row_reduce(fn: Callable, n: int, block: int = ROW_BLOCK) -> np.ndarray:

@@ -123,11 +123,24 @@ def time_product(path: Path) -> tuple[float, float, tuple]:
 CHILD = """
 import resource, sys
 from featcache.cli import main
+
+
+def own_peak_bytes():
+    # Linux's ru_maxrss starts from the parent's resident size at the fork (it survives the exec), so
+    # a benchmark holding a cache's worth of memory would be read as the sweep's peak; VmHWM is this
+    # process's own high-water mark
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 try:
     main(sys.argv[1:])
 finally:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, file=sys.stderr)
+    print(usage.ru_utime + usage.ru_stime, own_peak_bytes(), file=sys.stderr)
 """
 
 

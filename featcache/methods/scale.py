@@ -20,8 +20,6 @@ from featcache.methods.kernels import energy_blocks_shared
 from featcache.methods.registry import register
 
 
-
-
 @register("scale", defaults={"p": 85}, paper={"imagenet": {"p": 85}})
 def scale(data, head, fit, p):
     # s2 is the sum of the k largest values whatever the ties; and for a large head, since W x = f - b

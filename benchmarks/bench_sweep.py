@@ -206,7 +206,8 @@ def time_marginal(path: Path, repeats: int = 3) -> dict[str, list[float]]:
         new = {"energy, a new T": ("energy", [{"T": T} for T in (7.0, 7.5, 8.0, 8.5, 9.0)]),
                "nap+energy, a new w": ("nap+energy", [{"w": w} for w in (0.33, 0.37, 0.41, 0.45, 0.49)]),
                "rg, a new k": ("rg", [{"k": k, "T": 1.0} for k in (0.6, 0.65, 0.7, 0.75, 0.8)]),
-               "rg_add, a new alpha": ("rg_add", [{"k": 1.0, "alpha_scale": a} for a in (0.45, 0.55, 0.65, 0.75, 0.85)])}
+               "rg_add, a new alpha": ("rg_add", [{"k": 1.0, "alpha_scale": a}
+                                                   for a in (0.45, 0.55, 0.65, 0.75, 0.85)])}
         for label, (name, values) in new.items():
             method = get_method(name)
             out[label] = []

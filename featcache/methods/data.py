@@ -53,7 +53,7 @@ class Head:
         """
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
-        weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight already has the dtype: no copy per call
+        weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight has the dtype already
 
         def product(start, stop):
             return np.asarray(rows(start, stop), dtype=dtype) @ weight_t
@@ -244,11 +244,11 @@ def original_energy(data: "SplitData", T: float = 1.0) -> np.ndarray:
     """Energy of the cached (original) logits, computed once per split and T; the logits' block maxima
     that the first T finds serve every other T."""
     def compute():
-        if data.has(("logit block tops",)):
+        if data.has(("logit block tops",)):  # memo returns what it holds: nothing to compute
             return energy(data.logits, T, block_tops=data.memo(("logit block tops",), None))
         tops = np.empty(n_lse_blocks(len(data.logits)))
         scores = energy(data.logits, T, tops_out=tops)
-        data.memo(("logit block tops",), lambda: tops)
+        data.memo(("logit block tops",), lambda: tops)  # only once all are found: an error leaves none
         return scores
 
     return data.memo(("energy", T), compute)

@@ -293,15 +293,31 @@ def test_top_k_mask_breaks_ties_lowest_index_first_on_every_path(tied_rows):
 
 
 def test_first_true_is_a_running_count():
-    from featcache.methods.ash import count_true, first_true
+    from featcache.methods.ash import first_true
 
     rng = np.random.default_rng(12)
-    for _ in range(200):
+    for _ in range(400):
         rows, d = rng.integers(1, 30), rng.integers(1, 70)
         flags = rng.random((rows, d)) < rng.random()
         need = rng.integers(-1, d + 2, size=rows)
         assert np.array_equal(first_true(flags, need), flags & (np.cumsum(flags, axis=1) <= need[:, None]))
-        assert np.array_equal(count_true(flags), flags.sum(axis=1))
+
+
+def test_ties_are_broken_lowest_index_first_as_a_running_count_breaks_them():
+    # break_ties works on packed bits; the reference counts every tied entry with a cumulative sum
+    from featcache.methods.ash import break_ties
+
+    rng = np.random.default_rng(13)
+    for _ in range(400):
+        rows, d = rng.integers(1, 20), rng.integers(2, 90)
+        x = rng.integers(-2, 3, size=(rows, d)).astype(np.float32)  # many ties, negative values too
+        k = int(rng.integers(1, d))
+        kth = -np.sort(-x, axis=1)[:, k - 1 : k]
+        above, tied = x > kth, x == kth
+        expected = above | (tied & (np.cumsum(tied, axis=1) <= (k - above.sum(axis=1))[:, None]))
+        mask = break_ties(x, k, kth)
+        assert mask.dtype == bool and np.array_equal(mask, expected)
+        assert (mask.sum(axis=1) == k).all()
 
 
 def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():

@@ -120,12 +120,14 @@ def mask_from_kth(x: np.ndarray, k: int, kth: np.ndarray, after: np.ndarray, zer
 
 def break_ties(x: np.ndarray, k: int, kth: np.ndarray) -> np.ndarray:
     """The k largest entries of each row: all above the row's k-th value `kth`, then the entries equal
-    to it from the lowest index until there are k."""
-    above = x > kth
-    return above | first_true(x == kth, k - count_true(above))
+    to it from the lowest index until there are k. Worked on the flags packed eight to a byte."""
+    above = np.packbits(x > kth, axis=1)
+    tied = np.packbits(x == kth, axis=1)
+    need = k - _popcount(above).sum(axis=1, dtype=np.int64)
+    return np.unpackbits(above | _first_set(tied, need), axis=1, count=x.shape[1]).view(bool)
 
 
-# Bit tables for rows of flags packed eight to a byte (np.packbits: column 8j + t is bit 7 - t of byte j).
+# Rows of flags packed eight to a byte (np.packbits: column 8j + t is bit 7 - t of byte j).
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
 _NTH_SET = np.full((256, 9), 8, dtype=np.int64)  # [byte, r]: column offset 0-7 of its r-th set bit
 for _byte in range(256):
@@ -133,27 +135,32 @@ for _byte in range(256):
         _NTH_SET[_byte, _r] = _t
 
 
-def count_true(flags: np.ndarray) -> np.ndarray:
-    """flags.sum(axis=1) of a 2-D boolean array, counted on its packed bytes."""
-    return _POPCOUNT[np.packbits(flags, axis=1)].sum(axis=1, dtype=np.int64)
+def _popcount(packed: np.ndarray) -> np.ndarray:
+    """Set bits of each byte: numpy's vectorised bitwise_count (numpy 2), else a table."""
+    return np.bitwise_count(packed) if hasattr(np, "bitwise_count") else _POPCOUNT[packed]
 
 
 def first_true(flags: np.ndarray, need: np.ndarray) -> np.ndarray:
-    """flags with only the first need[i] True entries of each row i kept (all of them if fewer).
+    """flags with only the first need[i] True entries of each row i kept (all of them if fewer): the
+    same as flags & (np.cumsum(flags, axis=1) <= need[:, None]), on the packed bytes."""
+    return np.unpackbits(_first_set(np.packbits(flags, axis=1), need), axis=1, count=flags.shape[1]).view(bool)
 
-    The same as flags & (np.cumsum(flags, axis=1) <= need[:, None]), a fifth of the work: the cut is
-    found on the packed bytes' running counts, then inside its byte from a table.
-    """
-    rows, d = flags.shape
-    packed = np.packbits(flags, axis=1)
-    running = np.cumsum(_POPCOUNT[packed], axis=1, dtype=np.int32)
-    byte = np.count_nonzero(running < need[:, None], axis=1)  # the byte holding the need-th True
-    inside = np.minimum(byte, packed.shape[1] - 1)
+
+def _first_set(packed: np.ndarray, need: np.ndarray) -> np.ndarray:
+    """`first_true` of packed rows, packed: the byte holding each row's need-th set bit is found from
+    the bytes' running counts, the bit inside it from a table; every byte before it is kept whole."""
+    rows, n_bytes = packed.shape
+    running = np.cumsum(_popcount(packed), axis=1, dtype=np.int32)
+    byte = np.count_nonzero(running < need[:, None], axis=1)  # n_bytes when the row has fewer
+    inside = np.minimum(byte, n_bytes - 1)
     at = np.arange(rows)
     before = np.where(byte > 0, running[at, np.maximum(byte - 1, 0)], 0)
     nth = _NTH_SET[packed[at, inside], np.clip(need - before, 0, 8)]
-    cut = np.where(need <= 0, 0, np.where(byte >= packed.shape[1], d, 8 * inside + nth + 1))
-    return flags & (np.arange(d) < cut[:, None])
+    keep = -(np.arange(n_bytes, dtype=np.int32) < inside[:, None]).view(np.uint8)  # 0xFF before the byte
+    keep[at, inside] = (0xFF00 >> (nth + 1)) & 0xFF  # its bits up to the need-th set one
+    keep[need <= 0] = 0
+    keep[byte >= n_bytes] = 0xFF
+    return packed & keep
 
 
 def ash_prune(x: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:

@@ -425,3 +425,34 @@ def test_knn_at_every_planned_k_from_one_product(setup, monkeypatch):
     for k in (1, 5, 50):
         distance = -shared[("knn", str({"k": k, "bank": 1.0, "seed": 0}))][0][:50]
         np.testing.assert_allclose(distance ** 2, brute[:, k - 1], rtol=1e-4, atol=1e-6)  # float32 products
+
+
+def test_mean_feature_is_the_float64_sum_of_the_rows_in_order_over_n():
+    from featcache.methods.data import Fit
+
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((3001, 37)) * rng.uniform(0.01, 1e4, size=37)).astype(np.float32)
+    total = np.zeros(37)
+    for row in x:  # the brute-force formula: add the rows one after another in float64
+        total += row.astype(np.float64)
+    expected = total / len(x)
+    for layout in (x, x[::-1][::-1], np.ascontiguousarray(x)):
+        np.testing.assert_array_equal(Fit(SplitData("train", features=layout)).mean_feature, expected)
+    # column-major features keep the numbers of a float64 copy's mean (summed pairwise down the columns)
+    fortran = np.asfortranarray(x)
+    np.testing.assert_array_equal(Fit(SplitData("train", features=fortran)).mean_feature,
+                                  np.asfortranarray(x.astype(np.float64)).mean(axis=0))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("shape,dtype", [((5, 3), np.float32), ((9_000_001,), np.float32), ((4097, 2048), np.float64),
+                                         ((0, 7), np.float32), ((3, 5_000_000), np.int8)])
+def test_faulted_empty_is_a_writable_c_order_array_of_the_shape(monkeypatch, workers, shape, dtype):
+    from featcache import allocator
+    from featcache.methods import kernels
+
+    monkeypatch.setattr(kernels, "n_workers", lambda: workers)
+    out = allocator.faulted_empty(shape, dtype)
+    assert out.shape == shape and out.dtype == dtype and out.flags.c_contiguous and out.flags.writeable
+    out[...] = 7
+    assert (out == 7).all()

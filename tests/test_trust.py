@@ -151,6 +151,12 @@ def _nan(fh):
     fh["splits/photos/features"][...] = x
 
 
+def _minus_inf(fh):
+    x = fh["splits/photos/features"][...]
+    x[6, 3] = -np.inf
+    fh["splits/photos/features"][...] = x
+
+
 def _nan_prepool(fh):
     # read only by NAP, a run of rows at a time: the error still counts the whole array
     x = fh["splits/photos/chan_max"][...]
@@ -189,12 +195,38 @@ BAD_CACHES = {
                          "split 'letters' is incomplete"),
     "width": (lambda d, t: h5_with(d, t, _wide_head), "features have width 64, the head takes 128"),
     "nan": (lambda d, t: h5_with(d, t, _nan, stamp=True), "2 NaN or Inf values in 2 samples, first in sample 'photos/"),
+    "-inf": (lambda d, t: h5_with(d, t, _minus_inf, stamp=True), "1 NaN or Inf values in 1 samples, first in sample 'photos/"),
     "nan pre-pool": (lambda d, t: h5_with(d, t, _nan_prepool, stamp=True),
                      "dataset 'chan_max' has 2 NaN or Inf values in 2 samples, first in sample 'photos/"),
     "empty ood": (lambda d, t: h5_with(d, t, _empty_ood), "split 'noise' is empty"),
     "no id_test": (lambda d, t: h5_with(d, t, lambda f: f["splits"].__delitem__("digits_test"), stamp=True),
                    "no split with role 'id_test'"),
 }
+
+
+def _huge_but_finite(fh):
+    for key in ("features", "chan_max"):
+        x = fh[f"splits/photos/{key}"][...]
+        x[::2] = np.finfo(np.float32).max / 4  # finite, but their float32 sum overflows to inf
+        fh[f"splits/photos/{key}"][...] = x
+
+
+def test_finite_values_whose_sum_overflows_are_not_refused(random_digits, tmp_path):
+    from featcache.replay import split_loader, surely_finite
+
+    path = h5_with(random_digits, tmp_path, _huge_but_finite, stamp=True)
+    with featcache.open_cache(path) as cache:
+        split = next(s for s in cache.splits() if s.name == "photos")
+        load, runs = split_loader(cache, split)
+        features = load("features")
+        assert not surely_finite(features) and np.isfinite(features).all()
+        assert sum(len(rows) for _, _, rows in runs("chan_max")) == split.n
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.ones((50, 3), np.float32)
+        values[7, 1] = bad
+        assert not surely_finite(values)
+    assert surely_finite(np.full((50, 3), 60000, np.float16))  # summed in float32, where it does not overflow
+    assert surely_finite(np.arange(6).reshape(2, 3)) and surely_finite(np.ones((4, 4), np.float32))
 
 
 @pytest.mark.parametrize("case", list(BAD_CACHES))

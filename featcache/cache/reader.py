@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from featcache.allocator import faulted_empty
 from featcache.cache.integrity import Checksum, check_ids, checksum_attr, content_fingerprint, name_problem
 from featcache.cache.schema import HEAD_ARRAYS, ROLES, SCHEMA, SCHEMA_PREFIX, SCHEMA_V1, SPLIT_ARRAYS
 from featcache.cache.store import Store, open_store
@@ -252,7 +253,7 @@ class Cache:
             return self.store.read(node, rows)
         self._fits_in_memory(node, where)
         dtype = self.store.dtype(node)
-        out = None if dtype == "str" else np.empty(self.store.shape(node), dtype=dtype)
+        out = None if dtype == "str" else faulted_empty(self.store.shape(node), dtype)
         strings = self.check(node, checksum, where, out)
         return np.asarray(strings, dtype=str) if strings is not None else out
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from featcache.allocator import faulted_empty
 from featcache.errors import FeatcacheError
 from featcache.methods.kernels import energy, energy_blocks_shared, n_lse_blocks
 
@@ -187,7 +188,13 @@ class Fit:
 
     @cached_property
     def mean_feature(self) -> np.ndarray:
-        return self.data.features.astype(np.float64).mean(axis=0)
+        """id_train's mean feature in float64 (DICE's contributions): the rows summed in order."""
+        features = self.data.features
+        if features.flags.f_contiguous and features.ndim == 2 and len(features) > 1:
+            # numpy sums a column-major float64 copy pairwise down the columns: keep those numbers
+            return features.astype(np.float64).mean(axis=0)
+        # the same numbers as a float64 copy's mean, cast a buffer at a time: no copy of the split
+        return features.mean(axis=0, dtype=np.float64)
 
     def subsample(self, n: int) -> np.ndarray:
         """Row indices of n random id_train samples (all if fewer), fixed by `seed`."""
@@ -211,7 +218,9 @@ def percentiles(values: np.ndarray, qs) -> list[float]:
     sign (the sort and numpy's partition order equal values differently); and NaN values, which
     numpy answers with NaN, are not supported (the reader refuses them).
     """
-    flat = np.sort(values, axis=None)
+    flat = faulted_empty(values.size, values.dtype)  # np.sort(values, axis=None), in memory faulted on every core
+    np.copyto(flat.reshape(values.shape), values)
+    flat.sort()
     n = flat.size
     points = []
     for q in qs:

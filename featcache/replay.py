@@ -237,7 +237,6 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         replay = load_replay(cache, read_clock=read_clock)
         methods = [(get_method(name), params) for name, params in configs]
         counts: list[dict] = [{} for _ in methods]
-        plan = work_plan(configs)
         nap_bases = {(name, params_key(base_config(name, params)[1])) for name, params in configs
                      if name.startswith("nap+")}
 
@@ -251,12 +250,15 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
         def scores_on(data: SplitData, is_id: bool) -> list:
             """Per configuration, its scores on one split (and the ID accuracy on the ID split), taken
             from the scratch or computed and saved there."""
-            # the batch's configurations: a product computed for one of them serves those sharing it
-            data.plan = plan
+            saved_before = [scratch.load(method.name, params_key(params), data.name, sizes[data.name])
+                            if scratch else None for method, params in methods]
+            # the configurations to score here: a product computed for one of them serves those
+            # sharing it, and one family's products run together (those saved already are not redone)
+            data.plan = work_plan((method.name, params) for (method, params), saved in zip(methods, saved_before)
+                                  if saved is None)
             found = []
-            for (method, params), count in zip(methods, counts):
+            for (method, params), count, saved in zip(methods, counts, saved_before):
                 key = params_key(params)
-                saved = scratch.load(method.name, key, data.name, sizes[data.name]) if scratch else None
                 if saved is None:
                     out = scored(method, params, data)
                     acc = accuracy(out.predictions, data.labels) if is_id else None

@@ -207,13 +207,13 @@ def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch)
 
     head, fit, _ = setup
     calls = []
-    original = Head.energies
+    original = Head.job  # one head product each, whether run alone or with others in one queue
 
-    def counting(self, x, row_scales, T=1.0, n=None):
+    def counting(self, x, row_scales=(None,)):
         calls.append(len(row_scales))
-        return original(self, x, row_scales, T, n)
+        return original(self, x, row_scales)
 
-    monkeypatch.setattr(Head, "energies", counting)
+    monkeypatch.setattr(Head, "job", counting)
     scored(setup, CONFIGS, True)
     assert floor_products(CONFIGS) == 8
     assert len(calls) == 8 + (1 if head.precise else 0)
@@ -456,3 +456,48 @@ def test_faulted_empty_is_a_writable_c_order_array_of_the_shape(monkeypatch, wor
     assert out.shape == shape and out.dtype == dtype and out.flags.c_contiguous and out.flags.writeable
     out[...] = 7
     assert (out == 7).all()
+
+
+FAMILIES = [("ash_b", {"p": 50}), ("ash_b", {"p": 70}), ("ash_b", {"p": 90}), ("dice", {"p": 60}), ("dice", {"p": 90}),
+            ("react", {"percentile": 80}), ("react", {"clip": 0.7}), ("nap+react", {"clip": 1.1, "w": 0.5}),
+            ("ash_p", {"p": 65}), ("ash_s", {"p": 80}), ("nap+ash_s", {"p": 65, "w": 0.3}),
+            ("react+ash_b", {"clip": 1.0, "p": 65}), ("react+ash_b", {"percentile": 90, "p": 80}),
+            ("react+ash_p", {"clip": 1.0, "p": 65}), ("react+ash_s", {"clip": 1.0, "p": 65}),
+            ("react+ash_s", {"percentile": 85, "p": 90})]
+
+
+def test_a_family_s_products_run_in_one_queue_with_the_numbers_each_gets_alone(setup, monkeypatch):
+    """Each method family's head products on a split (every p, clip or (clip, p) the batch plans) go
+    to the cores as one queue of blocks, one call for the family, and each configuration keeps the
+    numbers it gets alone."""
+    from featcache.methods import data as data_module
+
+    queues = []
+    original = data_module.energy_blocks_shared
+
+    def recording(jobs, n, T=1.0):
+        queues.append(len(jobs))
+        return original(jobs, n, T)
+
+    monkeypatch.setattr(data_module, "energy_blocks_shared", recording)
+    together = scored(setup, FAMILIES, True)
+    # ash_b 3 p; dice 2 p; react 3 clips (nap+react's too); ash_p/ash_s 2 p (65 shared by ash_p and
+    # nap+ash_s's ash_s); react+ash_b 2 (c, p); react+ash_p/s 2 (c, p) (clip 1.0 and p 65 shared)
+    assert sorted(queues) == [2, 2, 2, 2, 3, 3]
+    queues.clear()
+    alone = scored(setup, FAMILIES, False)
+    assert queues == [1] * len(FAMILIES)  # alone, each configuration multiplies for itself
+    for key, (scores, predictions) in alone.items():
+        np.testing.assert_array_equal(together[key][0], scores, err_msg=str(key))
+        np.testing.assert_array_equal(together[key][1], predictions, err_msg=str(key))
+
+
+def test_map_jobs_calls_every_block_of_every_job_once_as_map_row_blocks_cuts_them():
+    from featcache.methods.kernels import map_jobs, map_row_blocks
+
+    for block in (1024, 7):
+        seen, expected = [], []
+        map_jobs([(lambda a, b, j=j: seen.append((j, a, b)), n) for j, n in enumerate([0, 1, 2500, 1024, 3000])], block)
+        for j, n in enumerate([0, 1, 2500, 1024, 3000]):
+            map_row_blocks(lambda a, b, j=j: expected.append((j, a, b)), n, block)
+        assert sorted(seen) == sorted(expected) and len(set(seen)) == len(seen)

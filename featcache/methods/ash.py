@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.methods.data import Output
+from featcache.methods.data import Output, made_together
 from featcache.methods.kernels import map_row_blocks, row_reduce
 from featcache.methods.registry import register
 
@@ -263,16 +263,21 @@ def pruned_output(data, head, p, variant):
 
     Whichever comes first computes the other too when the split's plan has it (`SplitData.plan`),
     from the same product: logits_P = W x_pruned + b and logits_S = r (W x_pruned) + b, r =
-    exp(s1 / s2). Each gets exactly the numbers it gets alone.
+    exp(s1 / s2). The products of every other p the batch plans for either run in the same queue
+    (`made_together`). Each gets exactly the numbers it gets alone. Kept: nap+ash_s and ash_s at one
+    p both ask for it.
     """
-    done = data.memo(("pruned_outputs", p), dict)
-    if variant not in done:
-        variants = [v for v in PRUNED if v == variant or (v not in done and data.wants(v, {"p": p}))]
-        k = keep_count(data.features.shape[1], p)
-        scales = [sharpen_scale(feature_sums(data), top_k_sums(data, k)) if v == "ash_s" else None for v in variants]
-        rows, _, _ = pruned_blocks(data, p, zero_ties=False)
-        done.update(zip(variants, (Output(*out) for out in head.energies(rows, scales, n=len(data.features)))))
-    return done[variant]  # kept: nap+ash_s and ash_s at one p both ask for it
+    planned = [(params["p"], v) for v in PRUNED for params in data.planned({v})]
+    return made_together(data, "pruned_outputs", p, variant, planned, lambda q, variants: pruned_job(data, head, q, variants),
+                         len(data.features))
+
+
+def pruned_job(data, head, p, variants):
+    """The head product of the pruned feature at p, finished as each of `variants` (of PRUNED)."""
+    k = keep_count(data.features.shape[1], p)
+    scales = [sharpen_scale(feature_sums(data), top_k_sums(data, k)) if v == "ash_s" else None for v in variants]
+    rows, _, _ = pruned_blocks(data, p, zero_ties=False)
+    return head.job(rows, scales)
 
 
 @register("ash_p", defaults={"p": 60}, paper=ash_paper("ash_p"))
@@ -282,10 +287,13 @@ def ash_p(data, head, fit, p):
 
 @register("ash_b", defaults={"p": 65}, paper=ash_paper("ash_b"))
 def ash_b(data, head, fit, p):
-    # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
-    _, mask, k = pruned_blocks(data, p, zero_ties=True)
-    fill = feature_sums(data) / k if k else np.zeros(len(data.features))
-    return Output(*head.energy(mask, row_scale=fill, n=len(data.features)))
+    def job(q):
+        # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
+        _, mask, k = pruned_blocks(data, q, zero_ties=True)
+        return head.job(mask, [feature_sums(data) / k if k else np.zeros(len(data.features))])
+
+    planned = [(params["p"], "ash_b") for params in data.planned({"ash_b"})]
+    return made_together(data, "ash_b", p, "ash_b", planned, lambda q, _: job(q), len(data.features))
 
 
 @register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"))

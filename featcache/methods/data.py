@@ -52,6 +52,11 @@ class Head:
         per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
         gets the very numbers `energy` gives it alone.
         """
+        return energy_blocks_shared([self.job(x, row_scales)], len(x) if n is None else n, T)[0]
+
+    def job(self, x, row_scales: list = (None,)) -> tuple[Callable, list]:
+        """(product, finishes) of `energies(x, row_scales)`, for `kernels.energy_blocks_shared` to run
+        along with other features' and heads' jobs in one queue."""
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight has the dtype already
@@ -71,7 +76,28 @@ class Head:
                 out += bias
             return finish
 
-        return energy_blocks_shared(product, [finish_with(r) for r in row_scales], len(x) if n is None else n, T)
+        return product, [finish_with(r) for r in row_scales]
+
+
+def made_together(data, name: str, key, variant: str, planned: list, job_of: Callable, n: int) -> "Output":
+    """`variant`'s `Output` at `key` on n rows of split `data`, made along with every (key, variant)
+    pair of `planned` (what the batch scores) not made yet, and memoised per (name, key).
+
+    `key` is what fixes a head product (ASH's p, ReAct's clip c); the variants at one key share its
+    product and differ in how it is finished (ASH-P's and ASH-S's row scales). job_of(key, variants)
+    gives that product finished once per variant (a `Head.job`); every key's product runs in one
+    queue (`kernels.energy_blocks_shared`).
+    """
+    if variant not in data.memo((name, key), dict):
+        wanted: dict = {}
+        for k, v in [(key, variant), *planned]:
+            if v not in data.memo((name, k), dict) and v not in wanted.setdefault(k, []):
+                wanted[k].append(v)
+        todo = {k: variants for k, variants in wanted.items() if variants}
+        outs = energy_blocks_shared([job_of(k, variants) for k, variants in todo.items()], n)
+        for (k, variants), out in zip(todo.items(), outs):
+            data.memo((name, k), dict).update(zip(variants, (Output(*o) for o in out)))
+    return data.memo((name, key), dict)[variant]
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
@@ -113,12 +139,6 @@ class SplitData:
             for v, result in zip(missing, compute(missing)):
                 self.memo(key + (v,), lambda result=result: result)
         return self._memo[key + (value,)]
-
-    def wants(self, method: str, params: dict) -> bool:
-        """Whether the batch scores `method` with `params` on this split (see `plan`)."""
-        from featcache.grid import params_key  # the grid imports the registry, which imports this
-
-        return (method, params_key(params)) in self.plan
 
     def planned(self, methods) -> list[dict]:
         """The parameters of every configuration of the batch (nap+X's as X's) whose method is one of

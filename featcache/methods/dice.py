@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.data import Head, Output, percentiles
+from featcache.methods.data import Head, made_together, percentiles
 from featcache.methods.registry import register
 
 DICE_PAPER = {"imagenet": {"p": 70}, "cifar10": {"p": 90}, "cifar100": {"p": 90}}
@@ -34,7 +34,12 @@ def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
 
 @register("dice", defaults={"p": 90}, paper=DICE_PAPER)
 def dice(data, head, fit, p):
-    # the heads at the batch's other p are made in the same pass, as ReAct's clips are
-    sparse = fit.memo_together(("dice_head",), p, [params["p"] for params in data.planned({"dice"})],
-                               lambda ps: dice_heads(head, fit.mean_feature, ps))
-    return Output(*sparse.energy(data.features))
+    planned = [params["p"] for params in data.planned({"dice"})]
+
+    def sparse_head(q):
+        # the heads at the batch's other p are made in the same pass, as ReAct's clips are
+        return fit.memo_together(("dice_head",), q, planned, lambda ps: dice_heads(head, fit.mean_feature, ps))
+
+    # and their products run in one queue
+    return made_together(data, "dice", p, "dice", [(q, "dice") for q in planned],
+                         lambda q, _: sparse_head(q).job(data.features), len(data.features))

@@ -52,15 +52,22 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     logsumexp) in a thread per core, with BLAS held to one thread, keeps every core busy.
     Called from inside a block (nested), it runs serially in that thread.
     """
-    blocks = [(start, min(start + block, n)) for start in range(0, n, block)]
-    workers = min(n_workers(), len(blocks))
+    map_jobs([(fn, n)], block)
+
+
+def map_jobs(jobs: list[tuple[Callable, int]], block: int = ROW_BLOCK) -> None:
+    """`map_row_blocks` of every (fn, n) in `jobs`, their blocks in one queue: a core done with one
+    job's last block takes the next job's first, instead of waiting for the other cores to finish
+    theirs (with 2 cores, about half a head product of 1024 rows per job). A job's blocks, and so
+    its numbers, are those `map_row_blocks` gives it alone."""
+    tasks = [(fn, start, min(start + block, n)) for fn, n in jobs for start in range(0, n, block)]
     if getattr(_IN_WORKER, "active", False):  # nested: already one call, with BLAS on one thread
-        for start, stop in blocks:
+        for fn, start, stop in tasks:
             fn(start, stop)
         return
     pool, controller = _pool_and_limiter(n_workers())
 
-    def run(start, stop):
+    def run(fn, start, stop):
         _IN_WORKER.active = True
         try:
             fn(start, stop)
@@ -75,11 +82,11 @@ def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     # using the API), and a split's numbers would depend on its size, the cores or --jobs. The cores
     # are all busy with one call.
     with _ONE_CALL_AT_A_TIME, controller.limit(limits=1, user_api="blas"):
-        if workers <= 1:  # one block, or one core: here, as a worker would (a nested call runs serially)
-            for start, stop in blocks:
-                run(start, stop)
+        if min(n_workers(), len(tasks)) <= 1:  # one block, or one core: here, as a worker would
+            for task in tasks:
+                run(*task)
             return
-        futures = [pool.submit(run, start, stop) for start, stop in blocks]
+        futures = [pool.submit(run, *task) for task in tasks]
         wait(futures)  # all of them, so that none still runs when an error is raised
         for future in futures:
             future.result()
@@ -113,8 +120,9 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray 
     return out
 
 
-def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1.0) -> list:
-    """[(energy, argmax)] for each `finish` of one `product`, a block of rows at a time, on all cores.
+def energy_blocks_shared(jobs: list[tuple[Callable, list]], n: int, T: float = 1.0) -> list[list]:
+    """For each (product, finishes) of `jobs`, [(energy, argmax)] for each `finish` of its `product`,
+    a block of rows at a time, on all cores; every job's blocks in one queue (`map_jobs`).
 
     product(start, stop) -> rows start:stop (a head product, computed once per block however many
     configurations use it, in float32 or float64); finish(rows, out, index) writes one
@@ -125,28 +133,30 @@ def energy_blocks_shared(product: Callable, finishes: list, n: int, T: float = 1
     Every configuration is finished and reduced LSE_BLOCK rows at a time in one buffer that stays in
     the CPU cache, instead of a float64 copy of the whole block per configuration.
     """
-    outs = [(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes]
+    outs = [[(np.empty(n), np.empty(n, dtype=np.int64)) for _ in finishes] for _, finishes in jobs]
 
     def logits_into(finish, rows, out, index):
         finish(rows, out, index)
         return out
 
-    def run(start, stop):
-        block = product(start, stop)
-        buffer = np.empty((min(LSE_BLOCK, len(block)),) + block.shape[1:])
-        for a in range(0, len(block), LSE_BLOCK):
-            rows = block[a : a + LSE_BLOCK]
-            index = slice(start + a, start + a + len(rows))
-            for finish, (scores, predictions) in zip(finishes, outs):
-                z = logits_into(finish, rows, buffer[: len(rows)], index)
-                predictions[index] = best = z.argmax(axis=1)
-                # the rows' maxima are where their argmax points (a NaN included): no second pass for the max
-                scores[index] = _energy_inplace(
-                    z, T, lambda low, f=finish, rows=rows, first=index.start:
-                    logits_into(f, rows[low], np.empty((len(low),) + rows.shape[1:]), first + low),
-                    top=z[np.arange(len(z)), best].max())
+    def blocks_of(product, finishes, job_outs):
+        def run(start, stop):
+            block = product(start, stop)
+            buffer = np.empty((min(LSE_BLOCK, len(block)),) + block.shape[1:])
+            for a in range(0, len(block), LSE_BLOCK):
+                rows = block[a : a + LSE_BLOCK]
+                index = slice(start + a, start + a + len(rows))
+                for finish, (scores, predictions) in zip(finishes, job_outs):
+                    z = logits_into(finish, rows, buffer[: len(rows)], index)
+                    predictions[index] = best = z.argmax(axis=1)
+                    # the rows' maxima are where their argmax points (a NaN included): no second pass for the max
+                    scores[index] = _energy_inplace(
+                        z, T, lambda low, f=finish, rows=rows, first=index.start:
+                        logits_into(f, rows[low], np.empty((len(low),) + rows.shape[1:]), first + low),
+                        top=z[np.arange(len(z)), best].max())
+        return run
 
-    map_row_blocks(run, n)
+    map_jobs([(blocks_of(product, finishes, job_outs), n) for (product, finishes), job_outs in zip(jobs, outs)])
     return outs
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, shared_top_k, top_k_mask
-from featcache.methods.data import Output
+from featcache.methods.data import Output, made_together
 from featcache.methods.kernels import clip_above
 from featcache.methods.rg import shared_clipped_sum
 from featcache.errors import FeatcacheError
@@ -59,18 +59,29 @@ QUALIFIES = {"percentile_of": "percentile"}
 @register("react", defaults=CLIP, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
           paper=every_benchmark({"percentile": 90}))
 def react(data, head, fit, percentile=None, clip=None, percentile_of=None):
-    c, x = clip_value(fit, clip, percentile, percentile_of, data), data.features
-    return Output(*head.energy(lambda a, b: react_features(x[a:b], c), n=len(x)))
+    x = data.features
+
+    def job(c):
+        return head.job(lambda a, b: react_features(x[a:b], c))
+
+    planned = [(planned_clip(fit, params, data), "react") for params in data.planned({"react"})]
+    c = clip_value(fit, clip, percentile, percentile_of, data)
+    return made_together(data, "react", c, "react", planned, lambda c, _: job(c), len(x))
 
 
-def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
-    """(clipped rows, their keep mask, k), a block of rows at a time, from the split's one sort.
+def planned_clip(fit, params: dict, data) -> float:
+    """c of a planned configuration's parameters (`SplitData.planned`)."""
+    return clip_value(fit, params.get("clip"), params.get("percentile"), params.get("percentile_of") or "id_train", data)
+
+
+def clipped_blocks(data, c, p):
+    """(rows clipped at c, their keep mask, k), a block of rows at a time, from the split's one sort.
 
     min(., c) is monotone, so the clipped rows' k-th values are the rows' k-th values clipped.
     The mask is ASH's (ties at the k-th value broken lowest index first), as `ash_prune` of the whole
     clipped array gives it.
     """
-    c, x = np.float32(clip_value(fit, clip, percentile, percentile_of, data)), data.features
+    c, x = np.float32(c), data.features
     k = keep_count(x.shape[1], p)
     stats = shared_top_k(data, k)
 
@@ -87,9 +98,9 @@ def clipped_blocks(data, fit, p, percentile, clip, percentile_of):
     return rows, mask, k
 
 
-def clipped_sums(data, fit, percentile, clip, percentile_of):
+def clipped_sums(data, c):
     """s1 = sum(min(x, c)) per row, float64: RG's feature term at k = c, shared with it."""
-    return shared_clipped_sum(data, clip_value(fit, clip, percentile, percentile_of, data))
+    return shared_clipped_sum(data, c)
 
 
 CLIPPED_PRUNED = ("react+ash_p", "react+ash_s")  # one clipped, pruned feature; the second rescales its rows
@@ -99,34 +110,39 @@ def clipped_pruned_output(data, head, fit, p, clip_params, variant):
     """react+ash_p's or react+ash_s's output, one head product for both where the batch scores both.
 
     As `featcache.methods.ash.pruned_output`: logits_S = r (W x_pruned) + b, r = exp(s1 / s2), with
-    s1 the clipped row's sum and s2 the pruned row's.
+    s1 the clipped row's sum and s2 the pruned row's; the products of every other (c, p) the batch
+    plans for either run in the same queue.
     """
+    planned = [((planned_clip(fit, params, data), params["p"]), v) for v in CLIPPED_PRUNED for params in data.planned({v})]
     c = clip_value(fit, **clip_params, data=data)
-    done = data.memo(("clipped_pruned_outputs", c, p), dict)
-    if variant not in done:
-        wanted = {"p": p, **{k: v for k, v in clip_params.items() if v is not None}}
-        variants = [v for v in CLIPPED_PRUNED if v == variant or (v not in done and data.wants(v, wanted))]
-        rows, mask, _ = clipped_blocks(data, fit, p, **clip_params)
-        n = len(data.features)
+    return made_together(data, "clipped_pruned_outputs", (c, p), variant, planned,
+                         lambda cp, variants: clipped_pruned_job(data, head, cp, variants), len(data.features))
 
-        def pruned(start, stop):
-            block = rows(start, stop)
-            return block * mask(start, stop, block)  # as ASH's pruning (np.where costs six times more)
 
-        scales, shaped = [None] * len(variants), pruned
-        if "react+ash_s" in variants:
-            # r = exp(s1 / s2) filled in a block at a time as the block is shaped, before its product is
-            # scaled: one shaping pass instead of two (r is elementwise, so the same numbers)
-            s1, r = clipped_sums(data, fit, **clip_params), np.empty(n)
-            scales[variants.index("react+ash_s")] = r
+def clipped_pruned_job(data, head, cp, variants):
+    """The head product of the features clipped at c and pruned at p, cp = (c, p), finished as each
+    of `variants` (of CLIPPED_PRUNED)."""
+    c, p = cp
+    rows, mask, _ = clipped_blocks(data, c, p)
+    n = len(data.features)
 
-            def shaped(start, stop):
-                block = pruned(start, stop)
-                r[start:stop] = sharpen_scale(s1[start:stop], block.sum(axis=1, dtype=np.float64))
-                return block
+    def pruned(start, stop):
+        block = rows(start, stop)
+        return block * mask(start, stop, block)  # as ASH's pruning (np.where costs six times more)
 
-        done.update(zip(variants, (Output(*out) for out in head.energies(shaped, scales, n=n))))
-    return done[variant]
+    scales, shaped = [None] * len(variants), pruned
+    if "react+ash_s" in variants:
+        # r = exp(s1 / s2) filled in a block at a time as the block is shaped, before its product is
+        # scaled: one shaping pass instead of two (r is elementwise, so the same numbers)
+        s1, r = clipped_sums(data, c), np.empty(n)
+        scales[variants.index("react+ash_s")] = r
+
+        def shaped(start, stop):
+            block = pruned(start, stop)
+            r[start:stop] = sharpen_scale(s1[start:stop], block.sum(axis=1, dtype=np.float64))
+            return block
+
+    return head.job(shaped, scales)
 
 
 @register("react+ash_p", defaults={"p": 60, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
@@ -137,10 +153,13 @@ def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 
 @register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
-    clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
-    _, mask, k = clipped_blocks(data, fit, p, **clip_params)
-    fill = clipped_sums(data, fit, **clip_params) / k if k else np.zeros(len(data.features))
-    return Output(*head.energy(mask, row_scale=fill, n=len(data.features)))
+    def job(cp):
+        _, mask, k = clipped_blocks(data, *cp)
+        return head.job(mask, [clipped_sums(data, cp[0]) / k if k else np.zeros(len(data.features))])
+
+    planned = [((planned_clip(fit, params, data), params["p"]), "react+ash_b") for params in data.planned({"react+ash_b"})]
+    c = clip_value(fit, clip, percentile, percentile_of, data)
+    return made_together(data, "react+ash_b", (c, p), "react+ash_b", planned, lambda cp, _: job(cp), len(data.features))
 
 
 @register("react+ash_s", defaults={"p": 90, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,

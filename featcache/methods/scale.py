@@ -36,4 +36,4 @@ def scale(data, head, fit, p):
         out *= r[index, None]
         out += b
 
-    return Output(*energy_blocks_shared(lambda start, stop: f[start:stop], [finish], len(f))[0])
+    return Output(*energy_blocks_shared([(lambda start, stop: f[start:stop], [finish])], len(f))[0][0])

@@ -501,3 +501,38 @@ def test_map_jobs_calls_every_block_of_every_job_once_as_map_row_blocks_cuts_the
         for j, n in enumerate([0, 1, 2500, 1024, 3000]):
             map_row_blocks(lambda a, b, j=j: expected.append((j, a, b)), n, block)
         assert sorted(seen) == sorted(expected) and len(set(seen)) == len(seen)
+
+
+def test_a_resumed_batch_multiplies_only_for_what_its_progress_store_lacks(random_digits, monkeypatch):
+    """Configurations whose scores the progress store holds are left out of the split's plan, so the
+    family queue does not redo their products; the others get the numbers of a fresh run."""
+    from featcache.replay import sweep_batch
+
+    configs = [("ash_b", {"p": p}) for p in (50, 65, 80, 90)]
+
+    class Store:  # a progress store: scores of ash_b at 50 and 90 on every split are kept
+        def __init__(self, held=None):
+            self.held = dict(held or {})
+
+        def load(self, method, key, split, n):
+            return self.held.get((method, key, split))
+
+        def save(self, method, key, split, scores, acc, nonpositive):
+            self.held[(method, key, split)] = (scores, acc, nonpositive)
+
+    fresh = Store()
+    rows, _, _ = sweep_batch(random_digits["h5"], configs, scratch=fresh)
+    kept = {k: v for k, v in fresh.held.items() if k[1] in ('{"p": 50}', '{"p": 90}')}
+    products = []
+    original = Head.job
+
+    def counting(self, x, row_scales=(None,)):
+        products.append(1)
+        return original(self, x, row_scales)
+
+    monkeypatch.setattr(Head, "job", counting)
+    resumed = Store(kept)
+    again, _, _ = sweep_batch(random_digits["h5"], configs, scratch=resumed)
+    n_splits = len({split for _, _, split in fresh.held})
+    assert len(products) == 2 * n_splits  # p 65 and 80 on each split, not 50 and 90 again
+    assert again == rows

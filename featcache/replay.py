@@ -10,6 +10,7 @@ from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
 from featcache.grid import base_config, params_key, work_plan
 from featcache.methods.data import Fit, Head, SplitData
+from featcache.methods.kernels import map_items
 from featcache.methods.nap import shared_output
 from featcache.methods.registry import Method, get_method
 from featcache.metrics import SortedScores, accuracy, ood_metrics
@@ -159,18 +160,22 @@ def ood_groups(cache: Cache, override: dict[str, str] | None = None, where: str 
 
 
 def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
-    """One row per ood split (ID scores against that split's), then their mean."""
-    rows = []
-    try:
-        id_sorted = SortedScores(id_scores)  # sorted once for every ood split
-    except FeatcacheError as exc:
-        raise FeatcacheError(f"{method_name} {params_key(params)} on the ID split: {exc}") from None
-    for ood, scores in ood_scores.items():
+    """One row per ood split (ID scores against that split's), then their mean. The splits' sorts
+    and metrics run on all cores (`map_items`)."""
+    def named(where, compute, *args):
         try:
-            metrics = ood_metrics(id_sorted, scores)
+            return compute(*args)
         except FeatcacheError as exc:
-            raise FeatcacheError(f"{method_name} {params_key(params)} on {ood}: {exc}") from None
-        rows.append({"method": method_name, "params": params_key(params), "ood": ood, **metrics, "id_acc": id_acc})
+            raise FeatcacheError(f"{method_name} {params_key(params)} on {where}: {exc}") from None
+
+    names = list(ood_scores)
+    # the ID split is sorted once for every ood split, the ood splits' own sorts alongside
+    sorted_scores = map_items(lambda item: named(item[0], SortedScores, item[1]),
+                              [("the ID split", id_scores), *ood_scores.items()])
+    id_sorted = sorted_scores[0]
+    metrics = map_items(lambda item: named(item[0], ood_metrics, id_sorted, item[1]), list(zip(names, sorted_scores[1:])))
+    rows = [{"method": method_name, "params": params_key(params), "ood": ood, **m, "id_acc": id_acc}
+            for ood, m in zip(names, metrics)]
     mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
     rows.append({"method": method_name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
     return rows

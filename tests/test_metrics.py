@@ -83,3 +83,24 @@ def test_counts_placed_among_sorted_scores_are_brute_force_counts(rng):
         at_or_below = ids.count_placed(ids.n - ids.at_least(ood.values), ood.counts)
         assert below.tolist() == [int(np.sum(ood_s < v)) for v in ids.sorted]
         assert at_or_below.tolist() == [int(np.sum(ood_s <= v)) for v in ids.sorted]
+
+
+def test_metric_rows_on_all_cores_are_each_splits_metrics_and_name_the_first_bad_split():
+    from featcache.errors import FeatcacheError
+    from featcache.replay import metric_rows
+
+    rng = np.random.default_rng(4)
+    ids = np.round(rng.normal(1, 1, 3000), 2)  # ties within and across the splits
+    oods = {f"ood{i}": np.round(rng.normal(-0.5 * i, 1, 700 + 100 * i), 2) for i in range(5)}
+    rows = metric_rows("m", {"p": 1}, ids, 0.25, oods)
+    assert [r["ood"] for r in rows] == [*oods, "mean"]
+    for row, (name, scores) in zip(rows, oods.items()):
+        assert {k: row[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")} == ood_metrics(ids, scores)
+        assert row["id_acc"] == 0.25 and row["params"] == '{"p": 1}'
+    bad = dict(oods)
+    bad["ood2"] = bad["ood2"].copy(); bad["ood2"][5] = np.nan
+    bad["ood4"] = bad["ood4"].copy(); bad["ood4"][0] = np.nan
+    with pytest.raises(FeatcacheError, match=r'm \{"p": 1\} on ood2: 1 scores are NaN'):
+        metric_rows("m", {"p": 1}, ids, 0.25, bad)
+    with pytest.raises(FeatcacheError, match="on the ID split: 1 scores are NaN"):
+        metric_rows("m", {"p": 1}, np.append(ids, np.nan), 0.25, bad)

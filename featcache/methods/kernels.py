@@ -45,6 +45,16 @@ def _pool_and_limiter(workers: int):
     return _POOL["pool"], _POOL["controller"]
 
 
+def map_items(fn: Callable, items: list) -> list:
+    """[fn(item) for item in items], on all cores (numpy releases the GIL in its loops and sorts);
+    serially inside a block, or on one core. For small independent work such as one metric per ood
+    split: no BLAS is involved."""
+    if len(items) <= 1 or n_workers() <= 1 or getattr(_IN_WORKER, "active", False):
+        return [fn(item) for item in items]
+    pool, _ = _pool_and_limiter(n_workers())
+    return list(pool.map(fn, items))
+
+
 def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:
     """Call fn(start, stop) for every block of rows, on all cores.
 

@@ -189,7 +189,8 @@ def time_marginal(path: Path, repeats: int = 3) -> dict[str, list[float]]:
     4), for five new values of each: energy at a new T, nap+energy at a new w, RG at a new k, rg_add at
     a new alpha; each evaluated on id_test and the ood splits with its metrics, as a sweep does. Each
     configuration is timed `repeats` times, what it memoised forgotten in between, and its fastest
-    kept: the unit product too is the fastest of three repeats."""
+    kept: the unit product too is the fastest of three repeats. The repeats take turns over the
+    values, so that a value's repeats are spread out in time, as the unit's are."""
     import featcache
     from featcache.methods.registry import get_method
     from featcache.replay import evaluate, load_replay
@@ -210,19 +211,20 @@ def time_marginal(path: Path, repeats: int = 3) -> dict[str, list[float]]:
                                                    for a in (0.45, 0.55, 0.65, 0.75, 0.85)])}
         for label, (name, values) in new.items():
             method = get_method(name)
-            out[label] = []
-            for params in values:
-                params = method.resolve(params)
-                seconds = []
-                for _ in range(repeats):
+            seconds = [[] for _ in values]
+            # the repeats go round the five values, so that a few tenths of a second of noise from
+            # elsewhere on the machine meet one repeat of a value, as they meet one of the unit's
+            for _ in range(repeats):
+                for params, times in zip(values, seconds):
+                    params = method.resolve(params)
                     known = [set(holder._memo) for holder in holders]
                     t0 = time.perf_counter()
                     evaluate(method, params, replay)
-                    seconds.append(time.perf_counter() - t0)
+                    times.append(time.perf_counter() - t0)
                     for holder, keys in zip(holders, known):  # the next repeat is a new configuration again
                         for key in set(holder._memo) - keys:
                             del holder._memo[key]
-                out[label].append(min(seconds))
+            out[label] = [min(times) for times in seconds]
     return out
 
 

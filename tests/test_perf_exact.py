@@ -438,10 +438,13 @@ def test_mean_feature_is_the_float64_sum_of_the_rows_in_order_over_n():
     expected = total / len(x)
     for layout in (x, x[::-1][::-1], np.ascontiguousarray(x)):
         np.testing.assert_array_equal(Fit(SplitData("train", features=layout)).mean_feature, expected)
-    # column-major features keep the numbers of a float64 copy's mean (summed pairwise down the columns)
-    fortran = np.asfortranarray(x)
-    np.testing.assert_array_equal(Fit(SplitData("train", features=fortran)).mean_feature,
-                                  np.asfortranarray(x.astype(np.float64)).mean(axis=0))
+    # column-major features keep the numbers of a float64 copy's mean, summed pairwise down each whole
+    # column (numpy's buffered cast would sum 8,192 rows at a time: other last bits on 9,000 rows)
+    tall = ((rng.standard_normal((9000, 5)) * 3) ** 3).astype(np.float32)
+    fortran = np.asfortranarray(tall)
+    pairwise = fortran.astype(np.float64).mean(axis=0)
+    assert not np.array_equal(pairwise, fortran.mean(axis=0, dtype=np.float64))  # the case is a real one
+    np.testing.assert_array_equal(Fit(SplitData("train", features=fortran)).mean_feature, pairwise)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -452,10 +455,19 @@ def test_faulted_empty_is_a_writable_c_order_array_of_the_shape(monkeypatch, wor
     from featcache.methods import kernels
 
     monkeypatch.setattr(kernels, "n_workers", lambda: workers)
+    import resource
+    import sys
+
     out = allocator.faulted_empty(shape, dtype)
     assert out.shape == shape and out.dtype == dtype and out.flags.c_contiguous and out.flags.writeable
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out[...] = 7
+    faulted_on_write = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     assert (out == 7).all()
+    if out.nbytes >= allocator.FAULT_IN_PARALLEL_BYTES and workers > 1 and sys.platform.startswith("linux"):
+        # its pages are in already: writing all of it faults none in (a fresh array takes one fault per
+        # page, or per 2 MB huge page)
+        assert faulted_on_write < 4, faulted_on_write
 
 
 FAMILIES = [("ash_b", {"p": 50}), ("ash_b", {"p": 70}), ("ash_b", {"p": 90}), ("dice", {"p": 60}), ("dice", {"p": 90}),
@@ -536,3 +548,39 @@ def test_a_resumed_batch_multiplies_only_for_what_its_progress_store_lacks(rando
     n_splits = len({split for _, _, split in fresh.held})
     assert len(products) == 2 * n_splits  # p 65 and 80 on each split, not 50 and 90 again
     assert again == rows
+
+
+def test_a_kernel_inside_map_items_runs_in_its_thread_instead_of_waiting_for_the_pool():
+    import threading
+
+    from featcache.methods.kernels import map_items, row_reduce
+
+    found = []
+    worker = threading.Thread(target=lambda: found.append(
+        map_items(lambda i: float(row_reduce(lambda a, b: np.full(b - a, float(i)), 5000).sum()), [1, 2, 3])))
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "map_items deadlocked"
+    assert found == [[5000.0, 10000.0, 15000.0]]
+
+
+def test_a_method_called_with_another_head_gets_that_head_s_numbers(setup):
+    """The outputs a split memoises belong to the head that made them: a plugin calling a built-in
+    with a head of its own (here W / 2, b / 2: a temperature) gets that head's numbers, in either
+    order, whatever the batch planned."""
+    head, fit, fresh = setup
+    other = Head(head.weight / 2, head.bias / 2)
+    configs = [("react", {"clip": 1.0}), ("ash_b", {"p": 65}), ("ash_p", {"p": 65}), ("ash_s", {"p": 65}),
+               ("react+ash_b", {"clip": 1.0, "p": 65}), ("react+ash_s", {"clip": 1.0, "p": 65}), ("dice", {"p": 70}),
+               ("nap+react", {"clip": 1.0, "w": 0.5})]
+    for first, second in ((head, other), (other, head)):
+        data = fresh()
+        data.plan = work_plan((name, get_method(name).resolve(params)) for name, params in configs)
+        fit_shared = Fit(fit.data)
+        for name, params in configs:
+            method = get_method(name)
+            params = method.resolve(params)
+            for h in (first, second):
+                shared = method(data, h, fit_shared, **params)
+                alone = method(fresh(), h, Fit(fit.data), **params)
+                np.testing.assert_array_equal(shared.scores, alone.scores, err_msg=f"{name} {h is other}")

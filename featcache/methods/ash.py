@@ -268,7 +268,7 @@ def pruned_output(data, head, p, variant):
     p both ask for it.
     """
     planned = [(params["p"], v) for v in PRUNED for params in data.planned({v})]
-    return made_together(data, "pruned_outputs", p, variant, planned, lambda q, variants: pruned_job(data, head, q, variants),
+    return made_together(data, head, "pruned_outputs", p, variant, planned, lambda q, variants: pruned_job(data, head, q, variants),
                          len(data.features))
 
 
@@ -293,7 +293,7 @@ def ash_b(data, head, fit, p):
         return head.job(mask, [feature_sums(data) / k if k else np.zeros(len(data.features))])
 
     planned = [(params["p"], "ash_b") for params in data.planned({"ash_b"})]
-    return made_together(data, "ash_b", p, "ash_b", planned, lambda q, _: job(q), len(data.features))
+    return made_together(data, head, "ash_b", p, "ash_b", planned, lambda q, _: job(q), len(data.features))
 
 
 @register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"))

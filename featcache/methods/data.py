@@ -79,15 +79,25 @@ class Head:
         return product, [finish_with(r) for r in row_scales]
 
 
-def made_together(data, name: str, key, variant: str, planned: list, job_of: Callable, n: int) -> "Output":
-    """`variant`'s `Output` at `key` on n rows of split `data`, made along with every (key, variant)
-    pair of `planned` (what the batch scores) not made yet, and memoised per (name, key).
+def pinned_id(holder, obj) -> int:
+    """id(obj), with obj kept in holder's memo so that the id names obj, and no object made later, for
+    as long as the memo lasts: a memo key for work that depends on an unhashable object (a head)."""
+    holder.memo(("pinned", id(obj)), lambda: obj)
+    return id(obj)
+
+
+def made_together(data, head: Head, name: str, key, variant: str, planned: list, job_of: Callable,
+                  n: int) -> "Output":
+    """`variant`'s `Output` at `key` on n rows of split `data` with `head`, made along with every
+    (key, variant) pair of `planned` (what the batch scores) not made yet, and memoised per (head,
+    name, key): a plugin calling a built-in with a head of its own gets that head's numbers.
 
     `key` is what fixes a head product (ASH's p, ReAct's clip c); the variants at one key share its
     product and differ in how it is finished (ASH-P's and ASH-S's row scales). job_of(key, variants)
     gives that product finished once per variant (a `Head.job`); every key's product runs in one
     queue (`kernels.energy_blocks_shared`).
     """
+    name = (name, pinned_id(data, head))
     if variant not in data.memo((name, key), dict):
         wanted: dict = {}
         for k, v in [(key, variant), *planned]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.data import Head, made_together, percentiles
+from featcache.methods.data import Head, made_together, percentiles, pinned_id
 from featcache.methods.registry import register
 
 DICE_PAPER = {"imagenet": {"p": 70}, "cifar10": {"p": 90}, "cifar100": {"p": 90}}
@@ -38,8 +38,9 @@ def dice(data, head, fit, p):
 
     def sparse_head(q):
         # the heads at the batch's other p are made in the same pass, as ReAct's clips are
-        return fit.memo_together(("dice_head",), q, planned, lambda ps: dice_heads(head, fit.mean_feature, ps))
+        return fit.memo_together(("dice_head", pinned_id(fit, head)), q, planned,
+                                 lambda ps: dice_heads(head, fit.mean_feature, ps))
 
     # and their products run in one queue
-    return made_together(data, "dice", p, "dice", [(q, "dice") for q in planned],
+    return made_together(data, head, "dice", p, "dice", [(q, "dice") for q in planned],
                          lambda q, _: sparse_head(q).job(data.features), len(data.features))

@@ -46,13 +46,16 @@ def _pool_and_limiter(workers: int):
 
 
 def map_items(fn: Callable, items: list) -> list:
-    """[fn(item) for item in items], on all cores (numpy releases the GIL in its loops and sorts);
-    serially inside a block, or on one core. For small independent work such as one metric per ood
-    split: no BLAS is involved."""
-    if len(items) <= 1 or n_workers() <= 1 or getattr(_IN_WORKER, "active", False):
-        return [fn(item) for item in items]
-    pool, _ = _pool_and_limiter(n_workers())
-    return list(pool.map(fn, items))
+    """[fn(item) for item in items], on all cores, as `map_jobs` runs blocks (numpy releases the GIL
+    in its loops and sorts): for small independent work such as one metric per ood split."""
+    results = [None] * len(items)
+
+    def run(start, stop):
+        for i in range(start, stop):
+            results[i] = fn(items[i])
+
+    map_jobs([(run, len(items))], block=1)
+    return results
 
 
 def map_row_blocks(fn: Callable, n: int, block: int = ROW_BLOCK) -> None:

@@ -66,7 +66,7 @@ def react(data, head, fit, percentile=None, clip=None, percentile_of=None):
 
     planned = [(planned_clip(fit, params, data), "react") for params in data.planned({"react"})]
     c = clip_value(fit, clip, percentile, percentile_of, data)
-    return made_together(data, "react", c, "react", planned, lambda c, _: job(c), len(x))
+    return made_together(data, head, "react", c, "react", planned, lambda c, _: job(c), len(x))
 
 
 def planned_clip(fit, params: dict, data) -> float:
@@ -115,7 +115,7 @@ def clipped_pruned_output(data, head, fit, p, clip_params, variant):
     """
     planned = [((planned_clip(fit, params, data), params["p"]), v) for v in CLIPPED_PRUNED for params in data.planned({v})]
     c = clip_value(fit, **clip_params, data=data)
-    return made_together(data, "clipped_pruned_outputs", (c, p), variant, planned,
+    return made_together(data, head, "clipped_pruned_outputs", (c, p), variant, planned,
                          lambda cp, variants: clipped_pruned_job(data, head, cp, variants), len(data.features))
 
 
@@ -159,7 +159,7 @@ def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 
     planned = [((planned_clip(fit, params, data), params["p"]), "react+ash_b") for params in data.planned({"react+ash_b"})]
     c = clip_value(fit, clip, percentile, percentile_of, data)
-    return made_together(data, "react+ash_b", (c, p), "react+ash_b", planned, lambda cp, _: job(cp), len(data.features))
+    return made_together(data, head, "react+ash_b", (c, p), "react+ash_b", planned, lambda cp, _: job(cp), len(data.features))
 
 
 @register("react+ash_s", defaults={"p": 90, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,

@@ -347,7 +347,7 @@ def scores(cache, method: str, *, groups: Mapping | None = None, storage_options
             group_of[name] = str(label)
         width = replay.head.weight.shape[1]
         for split in opened.splits():
-            data = replay.fit.data if split.role == "id_train" else split_data(opened, split, width)
+            data = replay.fit.data if split.role == "id_train" else split_data(opened, split, width, head=replay.head)
             out = chosen(data, replay.head, replay.fit, **resolved)
             parts.append(pd.DataFrame({
                 "split": split.name, "role": split.role, "group": group_of.get(split.name, ""),

@@ -111,7 +111,9 @@ def split_loader(cache: Cache, split: Split, read_clock: list | None = None):
     return load, runs
 
 
-def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None) -> SplitData:
+def split_data(cache: Cache, split: Split, width: int, read_clock: list | None = None,
+               head: Head | None = None) -> SplitData:
+    """`split` read on demand; `head`: the replay's head, whose products the split may share and keep."""
     if split.n == 0 or split.shape("features")[0] == 0:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} is empty")
     d = split.shape("features")[1]
@@ -119,7 +121,9 @@ def split_data(cache: Cache, split: Split, width: int, read_clock: list | None =
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
     same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
     load, runs = split_loader(cache, split, read_clock)
-    return SplitData(split.name, loader=load, run_loader=runs, same_as=same)
+    data = SplitData(split.name, loader=load, run_loader=runs, same_as=same)
+    data.replay_head = head
+    return data
 
 
 def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list | None = None) -> Replay:
@@ -130,20 +134,22 @@ def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list 
     oods = cache.splits("ood")
     if not oods:
         raise FeatcacheError(f"{cache.path}: no split with role 'ood' to evaluate against")
+    head = Head(weight.astype(np.float32), bias.astype(np.float32))
+
     def id_val():
-        return split_data(cache, cache.one_split("id_val"), width, read_clock)
+        return split_data(cache, cache.one_split("id_val"), width, read_clock, head)
 
     replay = Replay(
-        head=Head(weight.astype(np.float32), bias.astype(np.float32)),
-        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock), id_val=id_val),
-        id_test=split_data(cache, cache.one_split("id_test"), width, read_clock),
-        oods=[split_data(cache, s, width, read_clock) for s in oods],
+        head=head,
+        fit=Fit(split_data(cache, cache.one_split("id_train"), width, read_clock, head), id_val=id_val),
+        id_test=split_data(cache, cache.one_split("id_test"), width, read_clock, head),
+        oods=[split_data(cache, s, width, read_clock, head) for s in oods],
         fingerprint=cache.fingerprint,
         flat_prepool=flat_prepool(cache),
     )
     if with_selection:
         replay.id_val = replay.fit.split("id_val")
-        replay.pseudo_oods = [split_data(cache, s, width) for s in cache.splits("pseudo_ood")]
+        replay.pseudo_oods = [split_data(cache, s, width, head=head) for s in cache.splits("pseudo_ood")]
     return replay
 
 

@@ -43,8 +43,10 @@ def scored(setup, configs, shared):
     """Scores of each configuration on a fresh split, with the batch's plan (shared) or alone."""
     head, fit, fresh = setup
     data = fresh()
-    if shared:  # as a sweep's batch sets it, from the resolved parameters
+    if shared:  # as a sweep's batch sets it, from the resolved parameters, with the replay's head
         data.plan = work_plan((name, get_method(name).resolve(params)) for name, params in configs)
+        data.replay_head = head
+    fit.data.replay_head = head if shared else None
     out = {}
     for name, params in configs:
         method = get_method(name)
@@ -564,23 +566,41 @@ def test_a_kernel_inside_map_items_runs_in_its_thread_instead_of_waiting_for_the
     assert found == [[5000.0, 10000.0, 15000.0]]
 
 
-def test_a_method_called_with_another_head_gets_that_head_s_numbers(setup):
-    """The outputs a split memoises belong to the head that made them: a plugin calling a built-in
-    with a head of its own (here W / 2, b / 2: a temperature) gets that head's numbers, in either
-    order, whatever the batch planned."""
+def test_a_method_called_with_another_head_gets_that_head_s_numbers(setup, monkeypatch):
+    """Only the replay's head shares products and memos: a plugin calling a built-in with a head of
+    its own (here W / 2, b / 2: a temperature), made per call or changed in place between calls, gets
+    that head's numbers, multiplies once per call, and leaves nothing in the split's memo."""
     head, fit, fresh = setup
-    other = Head(head.weight / 2, head.bias / 2)
     configs = [("react", {"clip": 1.0}), ("ash_b", {"p": 65}), ("ash_p", {"p": 65}), ("ash_s", {"p": 65}),
                ("react+ash_b", {"clip": 1.0, "p": 65}), ("react+ash_s", {"clip": 1.0, "p": 65}), ("dice", {"p": 70}),
-               ("nap+react", {"clip": 1.0, "w": 0.5})]
-    for first, second in ((head, other), (other, head)):
+               ("nap+react", {"clip": 1.0, "w": 0.5}), ("nap+dice", {"p": 70, "w": 0.5})]
+    train = {key: getattr(fit.data, key).copy() for key in ("features", "chan_max", "chan_mean", "logits", "labels", "ids")}
+
+    def alone(method, h, params):  # a split and id_train of its own, nothing shared with the batch's
+        return method(fresh(), h, Fit(SplitData("train", **train)), **params).scores
+
+    for other_first in (False, True):
         data = fresh()
         data.plan = work_plan((name, get_method(name).resolve(params)) for name, params in configs)
-        fit_shared = Fit(fit.data)
+        data.replay_head = head
+        batch_fit = Fit(SplitData("train", **train))
+        batch_fit.data.replay_head = head
         for name, params in configs:
             method = get_method(name)
             params = method.resolve(params)
-            for h in (first, second):
-                shared = method(data, h, fit_shared, **params)
-                alone = method(fresh(), h, Fit(fit.data), **params)
-                np.testing.assert_array_equal(shared.scores, alone.scores, err_msg=f"{name} {h is other}")
+            other = Head(head.weight / 2, head.bias / 2)
+            for h in ((other, head) if other_first else (head, other)):
+                np.testing.assert_array_equal(method(data, h, batch_fit, **params).scores, alone(method, h, params),
+                                              err_msg=f"{name} {h is other}")
+            other.weight *= 3  # the same head object, changed in place
+            np.testing.assert_array_equal(method(data, other, batch_fit, **params).scores, alone(method, other, params),
+                                          err_msg=f"{name} changed in place")
+    products = []
+    original = Head.job
+    monkeypatch.setattr(Head, "job", lambda self, x, row_scales=(None,): products.append(1) or original(self, x, row_scales))
+    data = fresh()
+    data.plan = work_plan([("react", get_method("react").resolve({"clip": c})) for c in (0.5, 1.0, 1.5, 2.0)])
+    data.replay_head = head
+    memo = len(data._memo)
+    get_method("react")(data, Head(head.weight / 2, head.bias / 2), fit, **get_method("react").resolve({"clip": 1.0}))
+    assert len(products) == 1 and len(data._memo) == memo

@@ -79,25 +79,27 @@ class Head:
         return product, [finish_with(r) for r in row_scales]
 
 
-def pinned_id(holder, obj) -> int:
-    """id(obj), with obj kept in holder's memo so that the id names obj, and no object made later, for
-    as long as the memo lasts: a memo key for work that depends on an unhashable object (a head)."""
-    holder.memo(("pinned", id(obj)), lambda: obj)
-    return id(obj)
+def shares(data, head) -> bool:
+    """Whether `head` is the head of the replay that split `data` belongs to (`SplitData.replay_head`).
+    Only its products are made along with the batch's other configurations and memoised on the
+    split; any other head (a plugin's own, made per call, perhaps changed in place) gets exactly the
+    product it asks for, computed at each call."""
+    return data.replay_head is not None and head is data.replay_head
 
 
 def made_together(data, head: Head, name: str, key, variant: str, planned: list, job_of: Callable,
                   n: int) -> "Output":
     """`variant`'s `Output` at `key` on n rows of split `data` with `head`, made along with every
-    (key, variant) pair of `planned` (what the batch scores) not made yet, and memoised per (head,
-    name, key): a plugin calling a built-in with a head of its own gets that head's numbers.
+    (key, variant) pair of `planned` (what the batch scores) not made yet, and memoised per (name,
+    key), when `head` is the replay's (`shares`); with any other head, that one output alone.
 
     `key` is what fixes a head product (ASH's p, ReAct's clip c); the variants at one key share its
     product and differ in how it is finished (ASH-P's and ASH-S's row scales). job_of(key, variants)
     gives that product finished once per variant (a `Head.job`); every key's product runs in one
     queue (`kernels.energy_blocks_shared`).
     """
-    name = (name, pinned_id(data, head))
+    if not shares(data, head):
+        return Output(*energy_blocks_shared([job_of(key, [variant])], n)[0][0])
     if variant not in data.memo((name, key), dict):
         wanted: dict = {}
         for k, v in [(key, variant), *planned]:
@@ -128,6 +130,8 @@ class SplitData:
         # (method, params key) of every configuration the batch scores on this split, nap+X as X:
         # what one shared product may serve besides the configuration that asks for it
         self.plan: frozenset = frozenset()
+        # the head of the replay this split belongs to: what is made with it may be shared (`shares`)
+        self.replay_head: Head | None = None
         for key, value in arrays.items():
             setattr(self, key, value)
 

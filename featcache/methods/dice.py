@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.data import Head, made_together, percentiles, pinned_id
+from featcache.methods.data import Head, made_together, percentiles, shares
 from featcache.methods.registry import register
 
 DICE_PAPER = {"imagenet": {"p": 70}, "cifar10": {"p": 90}, "cifar100": {"p": 90}}
@@ -37,9 +37,10 @@ def dice(data, head, fit, p):
     planned = [params["p"] for params in data.planned({"dice"})]
 
     def sparse_head(q):
+        if not shares(fit.data, head):  # a head of a plugin's own: its sparse head alone, not kept
+            return dice_head(head, fit.mean_feature, q)
         # the heads at the batch's other p are made in the same pass, as ReAct's clips are
-        return fit.memo_together(("dice_head", pinned_id(fit, head)), q, planned,
-                                 lambda ps: dice_heads(head, fit.mean_feature, ps))
+        return fit.memo_together(("dice_head",), q, planned, lambda ps: dice_heads(head, fit.mean_feature, ps))
 
     # and their products run in one queue
     return made_together(data, head, "dice", p, "dice", [(q, "dice") for q in planned],

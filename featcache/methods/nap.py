@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.data import Output, original_predictions, pinned_id
+from featcache.methods.data import Output, original_predictions, shares
 from featcache.methods.kernels import n_workers, row_reduce
 from featcache.methods.registry import BENCHMARKS, REGISTRY, Method, every_benchmark, register
 
@@ -83,8 +83,11 @@ def nap(data, head, fit, eps):
 
 
 def shared_output(base: Method, data, head, fit, params: dict) -> Output:
-    """`base`'s output on `data`, computed once per split and parameters: it does not depend on w."""
-    key = ("method", base.name, pinned_id(data, head), tuple(sorted(params.items())))
+    """`base`'s output on `data`, computed once per split and parameters with the replay's head (it
+    does not depend on w); with any other head, at each call (`shares`)."""
+    if not shares(data, head):
+        return base.fn(data, head, fit, **params)
+    key = ("method", base.name, tuple(sorted(params.items())))
     return data.memo(key, lambda: base.fn(data, head, fit, **params))
 
 

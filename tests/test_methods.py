@@ -478,3 +478,21 @@ def test_clip_above_is_numpys_minimum_to_the_bit(rng, dtype):
             assert got.dtype == expected.dtype
             assert got.tobytes() == expected.tobytes()
     assert clip_above([[0.5, 2.0], [-0.0, 3.0]], np.float32(1.0)).tolist() == [[0.5, 1.0], [-0.0, 1.0]]
+
+
+def test_energy_in_passes_of_several_blocks_gives_each_block_s_own_numbers(rng):
+    # LSE_PASS rows at a time, each row shifted by its own LSE_BLOCK's top, must give to the last bit
+    # what one block at a time with one scalar shift gives, underflowing rows included
+    from featcache.methods.kernels import LSE_BLOCK, LSE_PASS, _energy_inplace, energy
+
+    assert LSE_PASS % LSE_BLOCK == 0 and LSE_PASS > LSE_BLOCK
+    for n in (1, LSE_BLOCK - 1, LSE_PASS + 3, 3 * LSE_PASS + LSE_BLOCK + 57):
+        f = rng.normal(0, 3, size=(n, 50)).astype(np.float32)
+        f[n // 2] -= 2000  # redone with its own shift
+        for T in (1.0, 0.7, 9.0):
+            expected = np.concatenate([
+                _energy_inplace(np.empty((len(f[a:a + LSE_BLOCK]), 50)), T,
+                                lambda low, a=a: f[a + low].astype(np.float64), rows=f[a:a + LSE_BLOCK],
+                                top=np.float64(f[a:a + LSE_BLOCK].max()))
+                for a in range(0, n, LSE_BLOCK)])
+            assert np.array_equal(energy(f, T), expected), (n, T)

@@ -17,6 +17,7 @@ ROW_BLOCK = 1024  # rows per block of work: one head product of 1024 x D, tempor
 
 
 LSE_BLOCK = 128  # rows per in-place logsumexp pass: small enough to stay in the CPU cache
+LSE_PASS = 4 * LSE_BLOCK  # rows per pass of `energy`, each still shifted by its LSE_BLOCK's top
 
 
 def n_workers() -> int:
@@ -108,7 +109,8 @@ def map_jobs(jobs: list[tuple[Callable, int]], block: int = ROW_BLOCK) -> None:
 def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray | None = None,
                     top: np.float64 | None = None) -> np.ndarray:
     """T * logsumexp(rows / T) per row, in float64, worked out in the float64 buffer `z` (rows' shape),
-    which is overwritten; `rows` is z itself when not given; `top`, rows.max() when already known.
+    which is overwritten; `rows` is z itself when not given; `top`, rows.max() when already known, or
+    one shift per row (an array).
 
     Shifted by the block's largest value, a scalar (cheaper than a per-row maximum): every term is
     then at most 1, so nothing overflows. Rows whose own maximum lies so far below that their sum
@@ -119,7 +121,7 @@ def _energy_inplace(z: np.ndarray, T: float, reload: Callable, rows: np.ndarray 
         top = np.float64(rows.max())  # a float32 maximum is exact in float64: the same as the cast rows'
     if rows is not z:
         np.copyto(z, rows)  # then the shift in place: faster than numpy's casting subtract
-    z -= top
+    z -= top if np.ndim(top) == 0 else top[:, None]  # one shift for all rows, or each row's own
     if T != 1:
         z *= 1.0 / T  # a multiply is several times cheaper than a divide
     sums = np.exp(z, out=z).sum(axis=1)
@@ -179,20 +181,25 @@ def energy(logits: np.ndarray, T: float = 1.0, block_tops: np.ndarray | None = N
 
     Each LSE_BLOCK rows are shifted by their largest value: `block_tops` when already known (they do
     not depend on T, so a sweep of T reads them instead of a pass over the logits), else found; when
-    `tops_out` (n_lse_blocks(len(logits)) float64) is given, the tops used are written there.
+    `tops_out` (n_lse_blocks(len(logits)) float64) is given, the tops used are written there. The
+    work goes LSE_PASS rows at a time, each row shifted by its own block's top: the same numbers as
+    one block at a time, in a quarter of numpy's calls.
     """
     out = np.empty(len(logits))
 
     def run(start, stop):
-        buffer = np.empty((min(LSE_BLOCK, stop - start), logits.shape[1]))
-        for a in range(start, stop, LSE_BLOCK):
-            b = min(a + LSE_BLOCK, stop)
-            rows = logits[a:b]
-            top = np.float64(rows.max()) if block_tops is None else block_tops[a // LSE_BLOCK]
+        buffer = np.empty((min(LSE_PASS, stop - start), logits.shape[1]))
+        for a in range(start, stop, LSE_PASS):
+            b = min(a + LSE_PASS, stop)
+            first, last = a // LSE_BLOCK, -(-b // LSE_BLOCK)
+            if block_tops is None:
+                tops = np.array([logits[g : min(g + LSE_BLOCK, b)].max() for g in range(a, b, LSE_BLOCK)], np.float64)
+            else:
+                tops = block_tops[first:last]
             if tops_out is not None:
-                tops_out[a // LSE_BLOCK] = top
+                tops_out[first:last] = tops
             out[a:b] = _energy_inplace(buffer[: b - a], T, lambda low, a=a: logits[a + low].astype(np.float64),
-                                       rows=rows, top=top)
+                                       rows=logits[a:b], top=np.repeat(tops, LSE_BLOCK)[: b - a])
 
     map_row_blocks(run, len(logits))
     return out

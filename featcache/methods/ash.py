@@ -287,13 +287,13 @@ def ash_p(data, head, fit, p):
 
 @register("ash_b", defaults={"p": 65}, paper=ash_paper("ash_b"))
 def ash_b(data, head, fit, p):
-    def job(q):
+    def job(q, _variants):
         # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
         _, mask, k = pruned_blocks(data, q, zero_ties=True)
         return head.job(mask, [feature_sums(data) / k if k else np.zeros(len(data.features))])
 
     planned = [(params["p"], "ash_b") for params in data.planned({"ash_b"})]
-    return made_together(data, head, "ash_b", p, "ash_b", planned, lambda q, _: job(q), len(data.features))
+    return made_together(data, head, "ash_b", p, "ash_b", planned, job, len(data.features))
 
 
 @register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"))

@@ -61,12 +61,12 @@ QUALIFIES = {"percentile_of": "percentile"}
 def react(data, head, fit, percentile=None, clip=None, percentile_of=None):
     x = data.features
 
-    def job(c):
+    def job(c, _variants):
         return head.job(lambda a, b: react_features(x[a:b], c))
 
     planned = [(planned_clip(fit, params, data), "react") for params in data.planned({"react"})]
     c = clip_value(fit, clip, percentile, percentile_of, data)
-    return made_together(data, head, "react", c, "react", planned, lambda c, _: job(c), len(x))
+    return made_together(data, head, "react", c, "react", planned, job, len(x))
 
 
 def planned_clip(fit, params: dict, data) -> float:
@@ -96,11 +96,6 @@ def clipped_blocks(data, c, p):
         return mask_from_kth(rows(start, stop) if clipped is None else clipped, k, kth, after)
 
     return rows, mask, k
-
-
-def clipped_sums(data, c):
-    """s1 = sum(min(x, c)) per row, float64: RG's feature term at k = c, shared with it."""
-    return shared_clipped_sum(data, c)
 
 
 CLIPPED_PRUNED = ("react+ash_p", "react+ash_s")  # one clipped, pruned feature; the second rescales its rows
@@ -134,7 +129,7 @@ def clipped_pruned_job(data, head, cp, variants):
     if "react+ash_s" in variants:
         # r = exp(s1 / s2) filled in a block at a time as the block is shaped, before its product is
         # scaled: one shaping pass instead of two (r is elementwise, so the same numbers)
-        s1, r = clipped_sums(data, c), np.empty(n)
+        s1, r = shared_clipped_sum(data, c), np.empty(n)  # s1 = sum(min(x, c)), shared with RG
         scales[variants.index("react+ash_s")] = r
 
         def shaped(start, stop):
@@ -153,13 +148,13 @@ def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 
 @register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
-    def job(cp):
+    def job(cp, _variants):
         _, mask, k = clipped_blocks(data, *cp)
-        return head.job(mask, [clipped_sums(data, cp[0]) / k if k else np.zeros(len(data.features))])
+        return head.job(mask, [shared_clipped_sum(data, cp[0]) / k if k else np.zeros(len(data.features))])
 
     planned = [((planned_clip(fit, params, data), params["p"]), "react+ash_b") for params in data.planned({"react+ash_b"})]
     c = clip_value(fit, clip, percentile, percentile_of, data)
-    return made_together(data, head, "react+ash_b", (c, p), "react+ash_b", planned, lambda cp, _: job(cp), len(data.features))
+    return made_together(data, head, "react+ash_b", (c, p), "react+ash_b", planned, job, len(data.features))
 
 
 @register("react+ash_s", defaults={"p": 90, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,

@@ -496,3 +496,43 @@ def test_energy_in_passes_of_several_blocks_gives_each_block_s_own_numbers(rng):
                                 top=np.float64(f[a:a + LSE_BLOCK].max()))
                 for a in range(0, n, LSE_BLOCK)])
             assert np.array_equal(energy(f, T), expected), (n, T)
+
+
+def test_shared_finishing_shifts_each_lse_block_by_its_own_top(rng):
+    # energy_blocks_shared's scores and predictions, to the last bit: each product block finished and
+    # reduced LSE_BLOCK rows at a time, shifted by the largest finished logit of those rows;
+    # underflowing rows are redone from their finished logits; a short last block included
+    from featcache.methods.kernels import LSE_BLOCK, ROW_BLOCK, _energy_inplace, energy_blocks_shared
+
+    n, k = 2 * ROW_BLOCK + 3 * LSE_BLOCK + 41, 30
+    x = rng.normal(0, 3, size=(n, k)).astype(np.float32)
+    x[ROW_BLOCK + 5] -= 3000
+    scale, bias = rng.uniform(0.5, 2, size=n), rng.normal(size=k)
+
+    def finish_scaled(z, out, index):
+        np.multiply(z, scale[index, None], out=out, dtype=np.float64)
+        out += bias
+
+    def finish_plain(z, out, index):
+        np.copyto(out, z)
+        out += bias
+
+    for T in (1.0, 0.5):
+        (scaled, plain), = energy_blocks_shared([(lambda a, b: x[a:b], [finish_scaled, finish_plain])], n, T)
+        for finish, (scores, predictions) in ((finish_scaled, scaled), (finish_plain, plain)):
+            want_scores, want_predictions = [], []
+            for start in range(0, n, ROW_BLOCK):  # the product's blocks, then LSE_BLOCK rows at a time
+                for a in range(start, min(start + ROW_BLOCK, n), LSE_BLOCK):
+                    index = slice(a, min(a + LSE_BLOCK, start + ROW_BLOCK, n))
+                    z = np.empty((index.stop - a, k))
+                    finish(x[index], z, index)
+                    want_predictions.append(z.argmax(axis=1))
+
+                    def reload(low, index=index):
+                        out = np.empty((len(low), k))
+                        finish(x[index][low], out, index.start + low)
+                        return out
+                    want_scores.append(_energy_inplace(z, T, reload, top=np.float64(z.max())))
+            assert np.array_equal(scores, np.concatenate(want_scores)), T
+            assert np.array_equal(predictions, np.concatenate(want_predictions)), T
+            assert np.isfinite(scores).all()

@@ -604,3 +604,20 @@ def test_a_method_called_with_another_head_gets_that_head_s_numbers(setup, monke
     memo = len(data._memo)
     get_method("react")(data, Head(head.weight / 2, head.bias / 2), fit, **get_method("react").resolve({"clip": 1.0}))
     assert len(products) == 1 and len(data._memo) == memo
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int32])
+def test_max_logit_is_the_maximum_of_a_float64_copy(dtype):
+    # the maximum is taken in the logits' own dtype and cast; the brute force casts every logit first
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((2500, 37)) * 50).astype(dtype)  # several row blocks, the last one short
+    if np.issubdtype(dtype, np.floating):
+        logits[3] = -np.inf
+        logits[4, 5] = np.inf
+        logits[5] = np.finfo(dtype).max
+    from featcache.methods.logit import maxlogit_score
+
+    got = maxlogit_score(logits)
+    want = np.array([max(float(v) for v in row) for row in logits])
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    assert np.array_equal(got, np.asarray(logits, np.float64).max(axis=1))

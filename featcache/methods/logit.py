@@ -9,23 +9,31 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.data import Output, original_energy, original_predictions
+from featcache.methods.kernels import row_reduce
 from featcache.methods.registry import every_benchmark, register
 
 
 def maxlogit_score(logits: np.ndarray) -> np.ndarray:
-    """max_j f_j."""
-    return np.asarray(logits, dtype=np.float64).max(axis=1)
+    """max_j f_j, in float64."""
+    # the maximum in the logits' own dtype, then cast: casting to float64 is exact and keeps order, so
+    # these are the maxima of a float64 copy, without the copy (twice the logits' size), on every core
+    return row_reduce(lambda start, stop: np.max(logits[start:stop], axis=1), len(logits))
+
+
+def original_max_logit(data) -> np.ndarray:
+    """maxlogit_score of the split's cached logits, once per split (MSP's and MaxLogit's)."""
+    return data.memo(("max logit",), lambda: maxlogit_score(data.logits))
 
 
 @register("msp", paper=every_benchmark({}))
 def msp(data, head, fit):
     # max_j softmax(f)_j = exp(max f - logsumexp f), from the energy every logit method shares
-    return Output(np.exp(maxlogit_score(data.logits) - original_energy(data)), original_predictions(data))
+    return Output(np.exp(original_max_logit(data) - original_energy(data)), original_predictions(data))
 
 
 @register("maxlogit", paper=every_benchmark({}))
 def maxlogit(data, head, fit):
-    return Output(maxlogit_score(data.logits), original_predictions(data))
+    return Output(original_max_logit(data), original_predictions(data))
 
 
 @register("energy", defaults={"T": 1.0}, paper=every_benchmark({"T": 1.0}))

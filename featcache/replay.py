@@ -229,19 +229,22 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     `fingerprint`: the cache's fingerprint when the sweep started; the batch stops with an error if
     the cache it opens, or the one at the path once its scores are computed, has another.
     `scratch` (a `progress.ScoreScratch`): scores of each (configuration, split) are saved there as
-    soon as they are computed, and those already saved are not computed again.
+    soon as they are computed (written in the background, all of them before the batch returns),
+    and those already saved are not computed again.
     `plugins`: in a worker process, which starts with the built-ins only, the resolved plugin specs
     (`featcache.plugins.worker_specs`) that register the batch's methods, imported before any is
     looked up; None in the process that loaded them.
     """
     import time
+    from contextlib import nullcontext
 
     from featcache.plugins import import_in_worker
 
     if plugins is not None:
         import_in_worker(plugins)
     started, read_clock = time.perf_counter(), [0.0]
-    with open_cache(cache_path, storage_options=storage_options) as cache:
+    with open_cache(cache_path, storage_options=storage_options) as cache, \
+            (scratch.saving_in_background() if scratch is not None else nullcontext()) as save:
         if fingerprint is not None:
             check_fingerprint(cache_path, fingerprint, cache=cache)
         sizes = {split.name: split.n for split in cache.splits()}
@@ -274,8 +277,8 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
                     out = scored(method, params, data)
                     acc = accuracy(out.predictions, data.labels) if is_id else None
                     saved = (np.asarray(out.scores, dtype=np.float64), acc, out.nonpositive)
-                    if scratch is not None:
-                        scratch.save(method.name, key, data.name, *saved)
+                    if save is not None:
+                        save(method.name, key, data.name, *saved)
                 scores, acc, nonpositive = saved
                 if nonpositive is not None:
                     count[data.name] = nonpositive

@@ -216,6 +216,49 @@ def test_damaged_saved_scores_are_recomputed(digits, tmp_path):
     assert rows
 
 
+def test_scores_saved_in_the_background_are_all_written_when_the_block_ends(tmp_path, monkeypatch):
+    import threading
+
+    from featcache.progress import ScoreScratch
+
+    scratch = ScoreScratch(tmp_path / "scores", "f" * 64, {"energy": "1"})
+    rng = np.random.default_rng(0)
+    saved = {f"s{i}": rng.normal(size=500 + i) for i in range(40)}
+    with scratch.saving_in_background() as save:
+        for split, scores in saved.items():
+            save("energy", '{"T": 1}', split, scores, 0.5 if split == "s0" else None, None)
+    assert not [t for t in threading.enumerate() if t.name.startswith("featcache-scratch")]
+    for split, scores in saved.items():
+        found, id_acc, nonpositive = scratch.load("energy", '{"T": 1}', split, len(scores))
+        assert found.tobytes() == scores.tobytes() and id_acc == (0.5 if split == "s0" else None)
+
+    # a write that fails raises, at a later save or when the block ends; and none is left running
+    real_savez = np.savez
+
+    def savez(path, **arrays):
+        if json.loads(str(arrays["meta"]))["split"] == "full":
+            raise OSError(28, "No space left on device")
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(OSError, match="No space left"):
+        with scratch.saving_in_background() as save:
+            save("energy", '{"T": 2}', "full", np.zeros(3), None, None)
+    with pytest.raises(OSError, match="No space left"):
+        with scratch.saving_in_background() as save:
+            save("energy", '{"T": 2}', "full", np.zeros(3), None, None)
+            time.sleep(0.5)
+            save("energy", '{"T": 2}', "good", np.zeros(3), None, None)  # raises here, the write done
+            raise AssertionError("not reached")
+    # an error of the block itself goes through, once the writes before it have ended
+    with pytest.raises(KeyError):
+        with scratch.saving_in_background() as save:
+            save("energy", '{"T": 3}', "late", np.ones(4), None, None)
+            raise KeyError("the batch's own error")
+    assert scratch.load("energy", '{"T": 3}', "late", 4)[0].tolist() == [1.0] * 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("featcache-scratch")]
+
+
 # --- --out never replaces what is not a results file ------------------------------------------------------
 
 

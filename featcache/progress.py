@@ -160,31 +160,6 @@ class ScoreScratch:
         np.savez(tmp, scores=scores, meta=np.array(json.dumps(meta)))
         os.replace(tmp, path)
 
-    @contextmanager
-    def saving_in_background(self):
-        """`save` as a function whose writes run in one background thread, in order, while the caller
-        goes on: a sweep's cores stay busy scoring instead of waiting on the disk. The scores handed
-        to it must not change afterwards. Every write has ended when the block does; a failed one
-        raises, at a later save or at the end of the block (an error in the block itself wins)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="featcache-scratch")
-        pending: deque = deque()
-
-        def raise_failed(wait: bool) -> None:
-            while pending and (wait or pending[0].done()):
-                pending.popleft().result()
-
-        def save(*args) -> None:
-            raise_failed(wait=False)
-            pending.append(pool.submit(self.save, *args))
-
-        try:
-            yield save
-            raise_failed(wait=True)
-        finally:
-            pool.shutdown(wait=True)  # no write goes on past the block, whatever ended it
-
     def load(self, method: str, params: str, split: str, n: int) -> tuple[np.ndarray, float | None, int | None] | None:
         """(scores, id_acc, nonpositive) saved for this pair on this cache by this code, or None."""
         path = self._file(method, params, split)
@@ -218,3 +193,30 @@ class ScoreScratch:
             self.directory.rmdir()
         except OSError:
             pass  # absent, or holding scores of configurations not finished yet
+
+
+@contextmanager
+def saving_in_background(save):
+    """`save` (a `ScoreScratch.save`) as a function whose calls run in one background thread, in
+    order, while the caller goes on: a sweep's cores stay busy scoring instead of waiting on the
+    disk. The scores handed to it must not change afterwards. Every write has ended when the block
+    does; a failed one raises, at a later call or at the end of the block (an error in the block
+    itself wins)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="featcache-scratch")
+    pending: deque = deque()
+
+    def raise_failed(wait: bool) -> None:
+        while pending and (wait or pending[0].done()):
+            pending.popleft().result()
+
+    def save_later(*args) -> None:
+        raise_failed(wait=False)
+        pending.append(pool.submit(save, *args))
+
+    try:
+        yield save_later
+        raise_failed(wait=True)
+    finally:
+        pool.shutdown(wait=True)  # no write goes on past the block, whatever ended it

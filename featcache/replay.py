@@ -239,12 +239,13 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
     from contextlib import nullcontext
 
     from featcache.plugins import import_in_worker
+    from featcache.progress import saving_in_background
 
     if plugins is not None:
         import_in_worker(plugins)
     started, read_clock = time.perf_counter(), [0.0]
     with open_cache(cache_path, storage_options=storage_options) as cache, \
-            (scratch.saving_in_background() if scratch is not None else nullcontext()) as save:
+            (saving_in_background(scratch.save) if scratch is not None else nullcontext()) as save:
         if fingerprint is not None:
             check_fingerprint(cache_path, fingerprint, cache=cache)
         sizes = {split.name: split.n for split in cache.splits()}

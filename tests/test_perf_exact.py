@@ -59,7 +59,8 @@ CONFIGS = [("ash_p", {"p": 60}), ("ash_s", {"p": 60}), ("ash_s", {"p": 90}), ("n
            ("ash_p", {"p": 90}), ("ash_b", {"p": 90}), ("scale", {"p": 90}),
            ("react+ash_s", {"clip": 1.0, "p": 80}), ("react+ash_p", {"clip": 1.0, "p": 80}),
            ("react+ash_b", {"clip": 1.0, "p": 80}), ("react+ash_s", {"percentile": 90, "p": 65}),
-           ("react", {"percentile": 80}), ("react", {"percentile": 95}), ("react+ash_p", {"percentile": 90, "p": 65})]
+           ("react", {"percentile": 80}), ("react", {"percentile": 95}), ("react+ash_p", {"percentile": 90, "p": 65}),
+           ("scale", {"p": 60})]
 
 
 def test_shared_products_give_each_configuration_its_own_numbers(setup):
@@ -221,7 +222,7 @@ def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch)
     assert len(calls) == 8 + (1 if head.precise else 0)
     calls.clear()
     scored(setup, CONFIGS, False)  # alone, each configuration multiplies for itself
-    assert len(calls) == len(CONFIGS) - (0 if head.precise else 1)
+    assert len(calls) == len(CONFIGS) - (0 if head.precise else 2)
 
 
 def test_top_k_stats_are_the_whole_sorted_arrays_columns_and_sums():
@@ -621,3 +622,33 @@ def test_max_logit_is_the_maximum_of_a_float64_copy(dtype):
     want = np.array([max(float(v) for v in row) for row in logits])
     assert got.dtype == np.float64 and np.array_equal(got, want)
     assert np.array_equal(got, np.asarray(logits, np.float64).max(axis=1))
+
+
+def test_scale_with_a_large_head_rescales_the_cached_logits_for_every_p_of_a_batch():
+    # r (f - b) + b from the cached logits f, in float64, then energy shifting each LSE_BLOCK rows by
+    # their top: to the bit, for each p of a batch made in one pass, and for each alone
+    from featcache.methods.kernels import energy
+
+    rng = np.random.default_rng(8)
+    k, d = 520, 512
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    head = Head(w, b)
+    assert not head.precise
+    data = split(rng, 2100, d, w, b)
+    fit = Fit(split(rng, 50, d, w, b, "train"))
+    ps = [0, 60, 85, 99]
+    data.plan = work_plan(("scale", {"p": p}) for p in ps)
+    data.replay_head = head
+    x, f = data.features, data.logits.astype(np.float64)
+    for p in ps:
+        top = d - int(round(d * p / 100))
+        s1 = x.astype(np.float64).sum(axis=1)
+        s2 = np.sort(x, axis=1)[:, ::-1][:, :top].astype(np.float64).sum(axis=1)
+        r = np.where(s2 == 0, 1.0, np.exp(s1 / np.where(s2 == 0, 1.0, s2)))
+        logits = (f - b.astype(np.float64)) * r[:, None] + b.astype(np.float64)
+        alone = SplitData("alone", features=data.features, logits=data.logits)
+        for target in (data, alone):  # in the batch, then alone
+            out = get_method("scale")(target, head, fit, p=p)
+            assert np.array_equal(out.scores, energy(logits)), p
+            assert np.array_equal(out.predictions, logits.argmax(axis=1)), p

@@ -219,12 +219,12 @@ def test_damaged_saved_scores_are_recomputed(digits, tmp_path):
 def test_scores_saved_in_the_background_are_all_written_when_the_block_ends(tmp_path, monkeypatch):
     import threading
 
-    from featcache.progress import ScoreScratch
+    from featcache.progress import ScoreScratch, saving_in_background
 
     scratch = ScoreScratch(tmp_path / "scores", "f" * 64, {"energy": "1"})
     rng = np.random.default_rng(0)
     saved = {f"s{i}": rng.normal(size=500 + i) for i in range(40)}
-    with scratch.saving_in_background() as save:
+    with saving_in_background(scratch.save) as save:
         for split, scores in saved.items():
             save("energy", '{"T": 1}', split, scores, 0.5 if split == "s0" else None, None)
     assert not [t for t in threading.enumerate() if t.name.startswith("featcache-scratch")]
@@ -242,17 +242,17 @@ def test_scores_saved_in_the_background_are_all_written_when_the_block_ends(tmp_
 
     monkeypatch.setattr(np, "savez", savez)
     with pytest.raises(OSError, match="No space left"):
-        with scratch.saving_in_background() as save:
+        with saving_in_background(scratch.save) as save:
             save("energy", '{"T": 2}', "full", np.zeros(3), None, None)
     with pytest.raises(OSError, match="No space left"):
-        with scratch.saving_in_background() as save:
+        with saving_in_background(scratch.save) as save:
             save("energy", '{"T": 2}', "full", np.zeros(3), None, None)
             time.sleep(0.5)
             save("energy", '{"T": 2}', "good", np.zeros(3), None, None)  # raises here, the write done
             raise AssertionError("not reached")
     # an error of the block itself goes through, once the writes before it have ended
     with pytest.raises(KeyError):
-        with scratch.saving_in_background() as save:
+        with saving_in_background(scratch.save) as save:
             save("energy", '{"T": 3}', "late", np.ones(4), None, None)
             raise KeyError("the batch's own error")
     assert scratch.load("energy", '{"T": 3}', "late", 4)[0].tolist() == [1.0] * 4

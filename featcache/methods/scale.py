@@ -15,25 +15,46 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, top_k_sums
-from featcache.methods.data import Output
-from featcache.methods.kernels import energy_blocks_shared
+from featcache.methods.data import made_together
 from featcache.methods.registry import register
 
 
 @register("scale", defaults={"p": 85}, paper={"imagenet": {"p": 85}})
 def scale(data, head, fit, p):
-    # s2 is the sum of the k largest values whatever the ties; and for a large head, since W x = f - b
-    # with f the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all.
-    k = keep_count(data.features.shape[1], p)
-    r = sharpen_scale(feature_sums(data), top_k_sums(data, k))
+    # every p of the batch is finished from one pass over the split (`made_together`): they differ
+    # only in r, and share what comes before it
+    planned = [("scale", params["p"]) for params in data.planned({"scale"})]
+    return made_together(data, head, "scale", "scale", p, planned, lambda _, ps: scale_job(data, head, ps),
+                         len(data.features))
+
+
+def sharpening(data, p) -> np.ndarray:
+    """r = exp(s1 / s2) per row; s2 is the sum of the k largest values whatever the ties."""
+    return sharpen_scale(feature_sums(data), top_k_sums(data, keep_count(data.features.shape[1], p)))
+
+
+def scale_job(data, head, ps):
+    """(rows, finishes) of SCALE at each p of `ps`, for `kernels.energy_blocks_shared`.
+
+    A small head multiplies the feature once for every p. For a large one, since W x = f - b with f
+    the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all: the rows
+    are f - b in float64, made once for every p.
+    """
+    scales = [sharpening(data, p) for p in ps]
     if head.precise:
-        return Output(*head.energy(data.features, row_scale=r))
+        return head.job(data.features, scales)
     f, b = data.logits, head.bias.astype(np.float64)
 
-    def finish(logits, out, index):
-        np.copyto(out, logits)  # then in place: faster than numpy's casting subtract, the same numbers
-        out -= b
-        out *= r[index, None]
-        out += b
+    def without_bias(start, stop):
+        rows = np.empty((stop - start,) + f.shape[1:])
+        np.copyto(rows, f[start:stop])  # then in place: faster than numpy's casting subtract, the same numbers
+        rows -= b
+        return rows
 
-    return Output(*energy_blocks_shared([(lambda start, stop: f[start:stop], [finish])], len(f))[0][0])
+    def finish_with(r):
+        def finish(rows, out, index):
+            np.multiply(rows, r[index, None], out=out)
+            out += b
+        return finish
+
+    return without_bias, [finish_with(r) for r in scales]

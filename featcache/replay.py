@@ -168,23 +168,46 @@ def ood_groups(cache: Cache, override: dict[str, str] | None = None, where: str 
 def metric_rows(method_name: str, params: dict, id_scores, id_acc: float, ood_scores: dict) -> list[dict]:
     """One row per ood split (ID scores against that split's), then their mean. The splits' sorts
     and metrics run on all cores (`map_items`)."""
-    def named(where, compute, *args):
-        try:
-            return compute(*args)
-        except FeatcacheError as exc:
-            raise FeatcacheError(f"{method_name} {params_key(params)} on {where}: {exc}") from None
+    return metric_rows_of([(method_name, params, id_scores, id_acc, ood_scores)])[0]
 
-    names = list(ood_scores)
-    # the ID split is sorted once for every ood split, the ood splits' own sorts alongside
-    sorted_scores = map_items(lambda item: named(item[0], SortedScores, item[1]),
-                              [("the ID split", id_scores), *ood_scores.items()])
-    id_sorted = sorted_scores[0]
-    metrics = map_items(lambda item: named(item[0], ood_metrics, id_sorted, item[1]), list(zip(names, sorted_scores[1:])))
-    rows = [{"method": method_name, "params": params_key(params), "ood": ood, **m, "id_acc": id_acc}
-            for ood, m in zip(names, metrics)]
-    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
-    rows.append({"method": method_name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
-    return rows
+
+METRIC_GROUP = 8  # configurations whose sorts share one queue: the cores balance, the sorted copies stay few
+
+
+def metric_rows_of(entries: list[tuple]) -> list[list[dict]]:
+    """`metric_rows` of each (method name, params, id scores, id acc, {ood split: scores}) of
+    `entries`; METRIC_GROUP configurations' sorts, then their metrics, in one queue each, so that
+    no core waits while another sorts the largest split. An error names the first configuration and
+    split in order that fails."""
+    out = []
+    for first in range(0, len(entries), METRIC_GROUP):
+        group = entries[first : first + METRIC_GROUP]
+
+        def named(item, compute, *args):
+            (method_name, params), where = item
+            try:
+                return compute(*args)
+            except FeatcacheError as exc:
+                raise FeatcacheError(f"{method_name} {params_key(params)} on {where}: {exc}") from None
+
+        # per configuration, the ID split is sorted once for every ood split, the ood splits' own sorts alongside
+        sorts = [((name, params), where, scores) for name, params, id_scores, _, ood_scores in group
+                 for where, scores in [("the ID split", id_scores), *ood_scores.items()]]
+        sorted_scores = map_items(lambda item: named(item[:2], SortedScores, item[2]), sorts)
+        pairs, at = [], 0
+        for name, params, _, _, ood_scores in group:
+            id_sorted = sorted_scores[at]
+            pairs += [((name, params), ood, id_sorted, ood_sorted)
+                      for ood, ood_sorted in zip(ood_scores, sorted_scores[at + 1 : at + 1 + len(ood_scores)])]
+            at += 1 + len(ood_scores)
+        metrics = iter(map_items(lambda item: named(item[:2], ood_metrics, *item[2:]), pairs))
+        for name, params, _, id_acc, ood_scores in group:
+            rows = [{"method": name, "params": params_key(params), "ood": ood, **next(metrics), "id_acc": id_acc}
+                    for ood in ood_scores]
+            mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+            rows.append({"method": name, "params": params_key(params), "ood": MEAN, **mean, "id_acc": id_acc})
+            out.append(rows)
+    return out
 
 
 def evaluate(method: Method, params: dict, replay: Replay, id_split: SplitData | None = None,
@@ -295,9 +318,9 @@ def sweep_batch(cache_path, configs: list[tuple[str, dict]], storage_options: di
             replay.oods[i] = None  # release the split and its memo before the next one is read
     if fingerprint is not None:
         check_fingerprint(cache_path, fingerprint, storage_options)  # the path may hold another cache by now
-    rows = []
-    for (method, params), (ids, acc), oods in zip(methods, id_results, ood_scores):
-        rows.extend(metric_rows(method.name, params, ids, acc, oods))
+    rows = [row for config_rows in metric_rows_of([(method.name, params, ids, acc, oods) for (method, params), (ids, acc), oods
+                                                    in zip(methods, id_results, ood_scores)])
+            for row in config_rows]
     nonpositive = [{"method": method.name, "params": params_key(params), "nonpositive": count}
                    for (method, params), count in zip(methods, counts) if count]
     return rows, {"seconds": time.perf_counter() - started, "read_seconds": read_clock[0]}, nonpositive

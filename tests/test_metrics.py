@@ -104,3 +104,31 @@ def test_metric_rows_on_all_cores_are_each_splits_metrics_and_name_the_first_bad
         metric_rows("m", {"p": 1}, ids, 0.25, bad)
     with pytest.raises(FeatcacheError, match="on the ID split: 1 scores are NaN"):
         metric_rows("m", {"p": 1}, np.append(ids, np.nan), 0.25, bad)
+
+
+def test_metric_rows_of_many_configurations_are_each_ones_own_and_name_the_first_bad_one():
+    from featcache.errors import FeatcacheError
+    from featcache.replay import METRIC_GROUP, metric_rows_of
+
+    rng = np.random.default_rng(9)
+    entries = []
+    for c in range(2 * METRIC_GROUP + 3):  # groups of METRIC_GROUP, the last one short
+        ids = np.round(rng.normal(1, 1, 500 + 37 * c), 2)
+        oods = {f"ood{i}": np.round(rng.normal(-0.3 * i - 0.01 * c, 1, 300 + 50 * i), 2) for i in range(1 + c % 4)}
+        entries.append((f"m{c}", {"p": c}, ids, c / 100, oods))
+    found = metric_rows_of(entries)
+    assert len(found) == len(entries)
+    for rows, (name, params, ids, acc, oods) in zip(found, entries):
+        assert [r["ood"] for r in rows] == [*oods, "mean"]
+        for row, scores in zip(rows, oods.values()):
+            assert {k: row[k] for k in ("fpr95", "auroc", "aupr_in", "aupr_out")} == ood_metrics(ids, scores)
+            assert row["method"] == name and row["params"] == f'{{"p": {params["p"]}}}' and row["id_acc"] == acc
+        assert rows[-1]["auroc"] == float(np.mean([r["auroc"] for r in rows[:-1]]))
+    bad = list(entries)
+    for c in (METRIC_GROUP + 1, METRIC_GROUP + 4):  # two bad configurations of one group: the first is named
+        name, params, ids, acc, oods = bad[c]
+        oods = {k: v.copy() for k, v in oods.items()}
+        oods[list(oods)[-1]][3] = np.nan
+        bad[c] = (name, params, ids, acc, oods)
+    with pytest.raises(FeatcacheError, match=rf'm{METRIC_GROUP + 1} \{{"p": {METRIC_GROUP + 1}\}} on ood1: 1 scores are NaN'):
+        metric_rows_of(bad)

@@ -246,6 +246,24 @@ def test_top_k_stats_are_the_whole_sorted_arrays_columns_and_sums():
             assert stats[k].kth is None and stats[k].after is None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int32, np.uint8])
+def test_rows_sorted_descending_are_python_s_sorted_rows(dtype):
+    from featcache.methods.ash import sorted_descending
+
+    rng = np.random.default_rng(13)
+    x = (rng.normal(0, 3, size=(300, 41)) * (1 if np.issubdtype(dtype, np.floating) else 20)).round(0)
+    if np.issubdtype(dtype, np.unsignedinteger):
+        x = np.abs(x)
+    x = x.astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        x[5, :20], x[5, 20:] = 0.0, -0.0
+        x[6, 3], x[7, 4] = np.inf, -np.inf
+    x = x[:, ::-1] if dtype == np.float64 else x  # a view that is not C-ordered
+    got = sorted_descending(x)
+    assert got.flags.c_contiguous and got.dtype == x.dtype
+    assert got.tolist() == [sorted(row, reverse=True) for row in x.tolist()]
+
+
 def test_a_batch_sorts_each_split_once_for_every_planned_p(setup, monkeypatch):
     """Every k the batch plans (ASH, SCALE, ReAct + ASH, nap+X as X) comes from one sort of the split;
     a k it did not plan costs one more."""

@@ -75,7 +75,7 @@ def top_k_stats(x: np.ndarray, ks) -> dict[int, TopK]:
                    np.empty(n)) for k in ks}
 
     def run(start, stop):
-        srt = np.ascontiguousarray(np.sort(x[start:stop], axis=1)[:, ::-1])
+        srt = sorted_descending(x[start:stop])
         for k, stats in out.items():
             if stats.kth is not None:
                 stats.kth[start:stop], stats.after[start:stop] = srt[:, k - 1], srt[:, k]
@@ -83,6 +83,20 @@ def top_k_stats(x: np.ndarray, ks) -> dict[int, TopK]:
 
     map_row_blocks(run, n)
     return out
+
+
+def sorted_descending(rows: np.ndarray) -> np.ndarray:
+    """Each row sorted from largest to smallest, a new C-order array.
+
+    For floats, -x sorted ascending and negated back: the same values as reversing an ascending
+    sort, without numpy's slow copy of a reversed view (a third of the time). Equal values may sit
+    in another order, which only a 0.0 next to a -0.0 can show (they compare equal everywhere ASH
+    uses them). Other dtypes (whose negation may wrap) are reversed."""
+    if rows.dtype.kind != "f":
+        return np.ascontiguousarray(np.sort(rows, axis=1)[:, ::-1])
+    out = np.negative(rows, out=np.empty(rows.shape, rows.dtype))
+    out.sort(axis=1)
+    return np.negative(out, out=out)
 
 
 def top_k_mask(x: np.ndarray, k: int, zero_ties: bool = True) -> np.ndarray:

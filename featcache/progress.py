@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,7 +157,8 @@ class ScoreScratch:
         meta["digest"] = content_digest(meta)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._file(method, params, split)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        # a name of this process and thread: two sweeps of one program writing the same pair do not collide
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
         np.savez(tmp, scores=scores, meta=np.array(json.dumps(meta)))
         os.replace(tmp, path)
 
@@ -200,8 +202,8 @@ def saving_in_background(save):
     """`save` (a `ScoreScratch.save`) as a function whose calls run in one background thread, in
     order, while the caller goes on: a sweep's cores stay busy scoring instead of waiting on the
     disk. The scores handed to it must not change afterwards. Every write has ended when the block
-    does; a failed one raises, at a later call or at the end of the block (an error in the block
-    itself wins)."""
+    does; a failed one raises, at a later call or at the end of the block. An error in the block
+    itself (Ctrl-C too) wins, and the writes not yet begun are dropped."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(1, thread_name_prefix="featcache-scratch")
@@ -218,5 +220,9 @@ def saving_in_background(save):
     try:
         yield save_later
         raise_failed(wait=True)
-    finally:
-        pool.shutdown(wait=True)  # no write goes on past the block, whatever ended it
+    except BaseException:
+        # an error or Ctrl-C: the write under way ends, those still queued are dropped (their
+        # configurations are scored again on resume) instead of holding the exit up
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)

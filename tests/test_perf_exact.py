@@ -50,9 +50,15 @@ def scored(setup, configs, shared):
     out = {}
     for name, params in configs:
         method = get_method(name)
-        result = method(data if shared else fresh(), head, fit, **method.resolve(params))
+        result = method(data if shared else alone(fresh(), head), head, fit, **method.resolve(params))
         out[(name, str(params))] = (result.scores, result.predictions)
     return out
+
+
+def alone(data, head):
+    """A split of its own, whose cached logits are `head`'s (SCALE uses them), without a plan."""
+    data.replay_head = head
+    return data
 
 
 CONFIGS = [("ash_p", {"p": 60}), ("ash_s", {"p": 60}), ("ash_s", {"p": 90}), ("nap+ash_s", {"p": 90, "w": 0.5}),
@@ -262,6 +268,12 @@ def test_rows_sorted_descending_are_python_s_sorted_rows(dtype):
     got = sorted_descending(x)
     assert got.flags.c_contiguous and got.dtype == x.dtype
     assert got.tolist() == [sorted(row, reverse=True) for row in x.tolist()]
+    if np.issubdtype(dtype, np.floating):  # NaN first, as the reversal of numpy's ascending sort has it
+        x = np.array(x)
+        x[9, 2] = np.nan
+        got = sorted_descending(x)
+        assert got.tobytes() == np.ascontiguousarray(np.sort(x, axis=1)[:, ::-1]).tobytes()
+        assert np.isnan(got[9, 0]) and not np.isnan(got[9, 1:]).any()
 
 
 def test_a_batch_sorts_each_split_once_for_every_planned_p(setup, monkeypatch):
@@ -639,7 +651,12 @@ def test_max_logit_is_the_maximum_of_a_float64_copy(dtype):
     got = maxlogit_score(logits)
     want = np.array([max(float(v) for v in row) for row in logits])
     assert got.dtype == np.float64 and np.array_equal(got, want)
-    assert np.array_equal(got, np.asarray(logits, np.float64).max(axis=1))
+    assert got.tobytes() == np.asarray(logits, np.float64).max(axis=1).tobytes()
+    if np.issubdtype(dtype, np.floating):  # a maximum of zero keeps the float64 copy's sign of zero
+        zeros = np.zeros((3000, 5), dtype)
+        zeros[rng.random(zeros.shape) < 0.5] = -0.0
+        zeros[:, 4] = -3
+        assert maxlogit_score(zeros).tobytes() == np.asarray(zeros, np.float64).max(axis=1).tobytes()
 
 
 def test_scale_with_a_large_head_rescales_the_cached_logits_for_every_p_of_a_batch():
@@ -666,7 +683,31 @@ def test_scale_with_a_large_head_rescales_the_cached_logits_for_every_p_of_a_bat
         r = np.where(s2 == 0, 1.0, np.exp(s1 / np.where(s2 == 0, 1.0, s2)))
         logits = (f - b.astype(np.float64)) * r[:, None] + b.astype(np.float64)
         alone = SplitData("alone", features=data.features, logits=data.logits)
+        alone.replay_head = head  # the cached logits are this head's
         for target in (data, alone):  # in the batch, then alone
             out = get_method("scale")(target, head, fit, p=p)
             assert np.array_equal(out.scores, energy(logits)), p
             assert np.array_equal(out.predictions, logits.argmax(axis=1)), p
+
+
+def test_scale_with_another_large_head_multiplies_by_that_head():
+    # the cached logits are the replay's head's: a plugin's own large head must not get them
+    rng = np.random.default_rng(14)
+    k, d = 520, 512
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    data = split(rng, 1500, d, w, b)
+    data.replay_head = Head(w, b)
+    data.plan = work_plan([("scale", {"p": 85})])
+    other = Head(2 * w, b + 1)
+    assert not other.precise
+    x = data.features.astype(np.float64)
+    top = d - int(round(d * 85 / 100))
+    s2 = -np.sort(-x, axis=1)[:, :top].sum(axis=1)
+    r = np.where(s2 == 0, 1.0, np.exp(x.sum(axis=1) / np.where(s2 == 0, 1.0, s2)))
+    logits = r[:, None] * (x @ other.weight.T.astype(np.float64)) + other.bias
+    top_logit = logits.max(axis=1)
+    expected = top_logit + np.log(np.exp(logits - top_logit[:, None]).sum(axis=1))
+    out = get_method("scale")(data, other, Fit(split(rng, 50, d, w, b, "train")), p=85)
+    np.testing.assert_allclose(out.scores, expected, rtol=1e-5)
+    assert np.array_equal(out.predictions, logits.argmax(axis=1))

@@ -258,6 +258,24 @@ def test_scores_saved_in_the_background_are_all_written_when_the_block_ends(tmp_
     assert scratch.load("energy", '{"T": 3}', "late", 4)[0].tolist() == [1.0] * 4
     assert not [t for t in threading.enumerate() if t.name.startswith("featcache-scratch")]
 
+    # Ctrl-C (or any error) with slow writes queued: the one under way ends, the rest are dropped
+    def slow_savez(path, **arrays):
+        time.sleep(0.05)
+        real_savez(path, **arrays)
+
+    monkeypatch.setattr(np, "savez", slow_savez)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with saving_in_background(scratch.save) as save:
+            for i in range(60):
+                save("energy", '{"T": 4}', f"q{i}", np.full(3, float(i)), None, None)
+            raise KeyboardInterrupt
+    assert time.perf_counter() - started < 1.5  # not the 3 s of all 60 writes
+    written = [i for i in range(60) if scratch.load("energy", '{"T": 4}', f"q{i}", 3) is not None]
+    assert written == list(range(len(written))) and len(written) < 60
+    assert all(scratch.load("energy", '{"T": 4}', f"q{i}", 3)[0].tolist() == [float(i)] * 3 for i in written)
+    assert not list(scratch.directory.glob("*.tmp.npz"))
+
 
 # --- --out never replaces what is not a results file ------------------------------------------------------
 

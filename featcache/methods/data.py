@@ -6,6 +6,7 @@ method's scores) is memoised on the split with `data.memo(key, compute)`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -108,8 +109,27 @@ def made_together(data, head: Head, name: str, key, variant: str, planned: list,
         todo = {k: variants for k, variants in wanted.items() if variants}
         outs = energy_blocks_shared([job_of(k, variants) for k, variants in todo.items()], n)
         for (k, variants), out in zip(todo.items(), outs):
-            data.memo((name, k), dict).update(zip(variants, (Output(*o) for o in out)))
+            data.memo((name, k), dict).update(zip(variants, (read_only(Output(*o)) for o in out)))
     return data.memo((name, key), dict)[variant]
+
+
+def read_only(value):
+    """`value`, with the numpy arrays in it (itself, or the fields of an `Output` or other dataclass,
+    or the items of a tuple or list) made read-only.
+
+    What is memoised is handed to every configuration that asks for it: a plugin that changed a
+    built-in's scores in place (`out.scores += ...`) would otherwise change them for the rest of the
+    batch too. It gets numpy's "assignment destination is read-only" error instead, and should work
+    on a copy (`out.scores + ...`)."""
+    if isinstance(value, np.ndarray):
+        value.setflags(write=False)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            read_only(getattr(value, field.name))
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            read_only(item)
+    return value
 
 
 ARRAYS = ("features", "chan_max", "chan_mean", "logits", "labels", "ids")
@@ -136,9 +156,10 @@ class SplitData:
             setattr(self, key, value)
 
     def memo(self, key, compute):
-        """compute() once per key for this split: what several configurations share."""
+        """compute() once per key for this split: what several configurations share, made read-only
+        (`read_only`) since every one of them gets the same arrays."""
         if key not in self._memo:
-            self._memo[key] = compute()
+            self._memo[key] = read_only(compute())
         return self._memo[key]
 
     def has(self, key) -> bool:
@@ -226,9 +247,9 @@ class Fit:
         features = self.data.features
         if features.flags.f_contiguous and features.ndim == 2 and len(features) > 1:
             # numpy sums a column-major float64 copy pairwise down the columns: keep those numbers
-            return features.astype(np.float64).mean(axis=0)
+            return read_only(features.astype(np.float64).mean(axis=0))
         # the same numbers as a float64 copy's mean, cast a buffer at a time: no copy of the split
-        return features.mean(axis=0, dtype=np.float64)
+        return read_only(features.mean(axis=0, dtype=np.float64))
 
     def subsample(self, n: int) -> np.ndarray:
         """Row indices of n random id_train samples (all if fewer), fixed by `seed`."""

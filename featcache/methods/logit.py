@@ -16,8 +16,18 @@ from featcache.methods.registry import every_benchmark, register
 def maxlogit_score(logits: np.ndarray) -> np.ndarray:
     """max_j f_j, in float64."""
     # the maximum in the logits' own dtype, then cast: casting to float64 is exact and keeps order, so
-    # these are the maxima of a float64 copy, without the copy (twice the logits' size), on every core
-    return row_reduce(lambda start, stop: np.max(logits[start:stop], axis=1), len(logits))
+    # these are the maxima of a float64 copy, without the copy (twice the logits' size), on every core;
+    # but which of 0.0 and -0.0 a maximum of zero is depends on the dtype's loop: those rows are
+    # taken from a float64 copy, as before
+    def maxima(start, stop):
+        rows = logits[start:stop]
+        out = np.max(rows, axis=1).astype(np.float64)
+        zero = np.flatnonzero(out == 0)
+        if zero.size:
+            out[zero] = np.asarray(rows[zero], dtype=np.float64).max(axis=1)
+        return out
+
+    return row_reduce(maxima, len(logits))
 
 
 def original_max_logit(data) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.methods.ash import feature_sums, keep_count, sharpen_scale, top_k_sums
-from featcache.methods.data import made_together
+from featcache.methods.data import made_together, shares
 from featcache.methods.registry import register
 
 
@@ -36,12 +36,13 @@ def sharpening(data, p) -> np.ndarray:
 def scale_job(data, head, ps):
     """(rows, finishes) of SCALE at each p of `ps`, for `kernels.energy_blocks_shared`.
 
-    A small head multiplies the feature once for every p. For a large one, since W x = f - b with f
-    the cached logits, r (W x) + b = r (f - b) + b needs no product with the head at all: the rows
-    are f - b in float64, made once for every p.
+    A small head multiplies the feature once for every p. For the replay's own large head, since
+    W x = f - b with f the cached logits, r (W x) + b = r (f - b) + b needs no product with the head
+    at all: the rows are f - b in float64, made once for every p. Any other head (a plugin's) is
+    multiplied: the cached logits are not its.
     """
     scales = [sharpening(data, p) for p in ps]
-    if head.precise:
+    if head.precise or not shares(data, head):
         return head.job(data.features, scales)
     f, b = data.logits, head.bias.astype(np.float64)
 

@@ -711,3 +711,24 @@ def test_scale_with_another_large_head_multiplies_by_that_head():
     out = get_method("scale")(data, other, Fit(split(rng, 50, d, w, b, "train")), p=85)
     np.testing.assert_allclose(out.scores, expected, rtol=1e-5)
     assert np.array_equal(out.predictions, logits.argmax(axis=1))
+
+
+@pytest.mark.parametrize("name, params", [("msp", {}), ("maxlogit", {}), ("energy", {"T": 2.0}), ("scale", {"p": 85}),
+                                          ("ash_s", {"p": 90}), ("nap+energy", {"w": 0.5})])
+def test_what_a_batch_shares_cannot_be_changed_in_place(setup, name, params):
+    # a plugin doing out.scores += ... on a built-in's shared output must not change it for the others
+    head, fit, fresh = setup
+    data = fresh()
+    method = get_method(name)
+    data.plan = work_plan([(name, method.resolve(params))])
+    data.replay_head = head
+    first = method(data, head, fit, **method.resolve(params))
+    before = first.scores.copy()
+    try:
+        first.scores += 1.0  # refused where the array is shared; a fresh one may change
+    except ValueError as exc:
+        assert "read-only" in str(exc)
+    again = method(data, head, fit, **method.resolve(params))
+    assert np.array_equal(again.scores, before)
+    if name in ("maxlogit", "energy", "scale", "ash_s"):  # these hand out what they share
+        assert not again.scores.flags.writeable

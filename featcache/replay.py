@@ -9,7 +9,7 @@ import numpy as np
 from featcache.cache.reader import Cache, Split, open_cache
 from featcache.errors import FeatcacheError
 from featcache.grid import base_config, params_key, work_plan
-from featcache.methods.data import Fit, Head, SplitData
+from featcache.methods.data import Fit, Head, SplitData, read_only
 from featcache.methods.kernels import map_items
 from featcache.methods.nap import shared_output
 from featcache.methods.registry import Method, get_method
@@ -134,7 +134,7 @@ def load_replay(cache: Cache, *, with_selection: bool = False, read_clock: list 
     oods = cache.splits("ood")
     if not oods:
         raise FeatcacheError(f"{cache.path}: no split with role 'ood' to evaluate against")
-    head = Head(weight.astype(np.float32), bias.astype(np.float32))
+    head = read_only(Head(weight.astype(np.float32), bias.astype(np.float32)))  # shared by every configuration
 
     def id_val():
         return split_data(cache, cache.one_split("id_val"), width, read_clock, head)

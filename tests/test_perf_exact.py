@@ -656,7 +656,8 @@ def test_max_logit_is_the_maximum_of_a_float64_copy(dtype):
         zeros = np.zeros((3000, 5), dtype)
         zeros[rng.random(zeros.shape) < 0.5] = -0.0
         zeros[:, 4] = -3
-        assert maxlogit_score(zeros).tobytes() == np.asarray(zeros, np.float64).max(axis=1).tobytes()
+        for layout in (zeros, np.asfortranarray(zeros), zeros[:, ::-1]):
+            assert maxlogit_score(layout).tobytes() == np.asarray(layout, np.float64).max(axis=1).tobytes()
 
 
 def test_scale_with_a_large_head_rescales_the_cached_logits_for_every_p_of_a_batch():
@@ -732,3 +733,21 @@ def test_what_a_batch_shares_cannot_be_changed_in_place(setup, name, params):
     assert np.array_equal(again.scores, before)
     if name in ("maxlogit", "energy", "scale", "ash_s"):  # these hand out what they share
         assert not again.scores.flags.writeable
+
+
+def test_a_replay_s_arrays_and_head_cannot_be_changed_in_place(random_digits):
+    # every configuration of a batch reads the same arrays and head: a plugin must not change them
+    from featcache.cache.reader import open_cache
+    from featcache.replay import load_replay
+
+    with open_cache(random_digits["h5"]) as cache:
+        replay = load_replay(cache)
+        for data in (replay.id_test, replay.oods[0], replay.fit.data):
+            for key in ("features", "logits", "chan_max", "labels"):
+                with pytest.raises(ValueError, match="read-only"):
+                    getattr(data, key)[0] = 0
+            assert np.array_equal(np.asarray(data.features) + 1, data.features + 1)  # reading goes on
+        with pytest.raises(ValueError, match="read-only"):
+            replay.head.weight[0, 0] = 1
+        with pytest.raises(ValueError, match="read-only"):
+            replay.head.bias += 1

@@ -23,8 +23,8 @@ def maxlogit_score(logits: np.ndarray) -> np.ndarray:
         rows = logits[start:stop]
         out = np.max(rows, axis=1).astype(np.float64)
         zero = np.flatnonzero(out == 0)
-        if zero.size:
-            out[zero] = np.asarray(rows[zero], dtype=np.float64).max(axis=1)
+        if zero.size:  # rare: the float64 copy keeps the rows' layout, which decides the order of comparison
+            out[zero] = np.asarray(rows, dtype=np.float64).max(axis=1)[zero]
         return out
 
     return row_reduce(maxima, len(logits))

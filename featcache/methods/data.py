@@ -117,9 +117,10 @@ def read_only(value):
     """`value`, with the numpy arrays in it (itself, or the fields of an `Output` or other dataclass,
     or the items of a tuple or list) made read-only.
 
-    What is memoised, the arrays read from the cache and the replay's head are handed to every
-    configuration that asks for them: a plugin that changed a built-in's scores, or the features, in
-    place (`out.scores += ...`) would otherwise change them for the rest of the batch too. It gets numpy's "assignment destination is read-only" error instead, and should work
+    What is memoised and the replay's head are handed to every configuration that asks for them: a
+    plugin that changed a built-in's scores in place (`out.scores += ...`) would otherwise change
+    them for the rest of the batch too. (The arrays read from the cache stay writable: see
+    `SplitData.__getattr__`.) It gets numpy's "assignment destination is read-only" error instead, and should work
     on a copy (`out.scores + ...`)."""
     if isinstance(value, np.ndarray):
         value.setflags(write=False)
@@ -197,8 +198,9 @@ class SplitData:
     def __getattr__(self, key):
         # only reached when the attribute is not set yet
         if key in ARRAYS and self.__dict__.get("_loader") is not None:
-            # read-only: every configuration of the batch reads the same arrays (see `read_only`)
-            value = getattr(self, self._same_as[key]) if key in self._same_as else read_only(self._loader(key))
+            # left writable although every configuration reads them: numpy's argmax copies a read-only
+            # array whole (it asks for a writeable one), 200 MB for ImageNet's id_test logits
+            value = getattr(self, self._same_as[key]) if key in self._same_as else self._loader(key)
             setattr(self, key, value)
             return value
         raise AttributeError(f"split {self.__dict__.get('name')!r} has no array {key!r}")

@@ -179,17 +179,16 @@ def metric_rows_of(entries: list[tuple]) -> list[list[dict]]:
     `entries`; METRIC_GROUP configurations' sorts, then their metrics, in one queue each, so that
     no core waits while another sorts the largest split. An error names the first configuration and
     split in order that fails."""
+    def named(item, compute, *args):
+        (method_name, params), where = item
+        try:
+            return compute(*args)
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{method_name} {params_key(params)} on {where}: {exc}") from None
+
     out = []
     for first in range(0, len(entries), METRIC_GROUP):
         group = entries[first : first + METRIC_GROUP]
-
-        def named(item, compute, *args):
-            (method_name, params), where = item
-            try:
-                return compute(*args)
-            except FeatcacheError as exc:
-                raise FeatcacheError(f"{method_name} {params_key(params)} on {where}: {exc}") from None
-
         # per configuration, the ID split is sorted once for every ood split, the ood splits' own sorts alongside
         sorts = [((name, params), where, scores) for name, params, id_scores, _, ood_scores in group
                  for where, scores in [("the ID split", id_scores), *ood_scores.items()]]

@@ -93,13 +93,12 @@ def sorted_descending(rows: np.ndarray) -> np.ndarray:
     in another order, which only a 0.0 next to a -0.0 can show (they compare equal everywhere ASH
     uses them). Other dtypes (whose negation may wrap), and rows holding NaN (which a sort puts
     last whatever the sign), are reversed."""
-    if rows.dtype.kind != "f":
-        return np.ascontiguousarray(np.sort(rows, axis=1)[:, ::-1])
-    out = np.negative(rows, out=np.empty(rows.shape, rows.dtype))
-    out.sort(axis=1)
-    if out.shape[1] and np.isnan(out[:, -1]).any():
-        return np.ascontiguousarray(np.sort(rows, axis=1)[:, ::-1])
-    return np.negative(out, out=out)
+    if rows.dtype.kind == "f":
+        out = np.negative(rows, out=np.empty(rows.shape, rows.dtype))
+        out.sort(axis=1)
+        if not (out.shape[1] and np.isnan(out[:, -1]).any()):
+            return np.negative(out, out=out)
+    return np.ascontiguousarray(np.sort(rows, axis=1)[:, ::-1])
 
 
 def top_k_mask(x: np.ndarray, k: int, zero_ties: bool = True) -> np.ndarray:

@@ -119,9 +119,9 @@ def read_only(value):
 
     What is memoised and the replay's head are handed to every configuration that asks for them: a
     plugin that changed a built-in's scores in place (`out.scores += ...`) would otherwise change
-    them for the rest of the batch too. (The arrays read from the cache stay writable: see
-    `SplitData.__getattr__`.) It gets numpy's "assignment destination is read-only" error instead, and should work
-    on a copy (`out.scores + ...`)."""
+    them for the rest of the batch too; it gets numpy's "assignment destination is read-only" error
+    instead, and should work on a copy (`out.scores + ...`). The arrays read from the cache stay
+    writable (see `SplitData.__getattr__`)."""
     if isinstance(value, np.ndarray):
         value.setflags(write=False)
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -250,9 +250,11 @@ class Fit:
         features = self.data.features
         if features.flags.f_contiguous and features.ndim == 2 and len(features) > 1:
             # numpy sums a column-major float64 copy pairwise down the columns: keep those numbers
-            return read_only(features.astype(np.float64).mean(axis=0))
-        # the same numbers as a float64 copy's mean, cast a buffer at a time: no copy of the split
-        return read_only(features.mean(axis=0, dtype=np.float64))
+            mean = features.astype(np.float64).mean(axis=0)
+        else:
+            # the same numbers as a float64 copy's mean, cast a buffer at a time: no copy of the split
+            mean = features.mean(axis=0, dtype=np.float64)
+        return read_only(mean)
 
     def subsample(self, n: int) -> np.ndarray:
         """Row indices of n random id_train samples (all if fewer), fixed by `seed`."""

@@ -119,7 +119,9 @@ def split_data(cache: Cache, split: Split, width: int, read_clock: list | None =
     d = split.shape("features")[1]
     if d != width:
         raise FeatcacheError(f"{cache.path}: split {split.name!r} features have width {d}, the head takes {width}")
-    same = {"chan_mean": "features"} if split.attrs.get("chan_mean_is_features") else None
+    # chan_mean is read as features where their checksums say the bytes are the same (a ResNet's
+    # mean pool), whatever the attributes claim: an attribute is not checked, a checksum is
+    same = {"chan_mean": "features"} if split.same_contents("chan_mean", "features") else None
     load, runs = split_loader(cache, split, read_clock)
     data = SplitData(split.name, loader=load, run_loader=runs, same_as=same)
     data.replay_head = head

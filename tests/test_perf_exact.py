@@ -10,6 +10,7 @@ import pytest
 
 from featcache.grid import work_plan
 from featcache.methods import Fit, Head, SplitData, get_method
+from featcache.errors import FeatcacheError
 from featcache.methods.data import PRECISE_HEAD_WEIGHTS, percentiles
 
 
@@ -354,13 +355,16 @@ def test_ties_are_broken_lowest_index_first_as_a_running_count_breaks_them():
 
 
 def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
-    # never the whole (N, C) array: NAP's score from runs of rows equals the formula on the whole
+    # never the whole (N, C) arrays: NAP's score from runs of rows equals the formula on the whole,
+    # the maxima and the means streamed together though their runs end on different rows
     from featcache.methods.nap import shared_nap_score
 
     rng = np.random.default_rng(13)
-    n, c = 5000, 24  # three runs, the last one short
+    n, c = 5000, 24
     arrays = {"chan_mean": rng.random((n, c)).astype(np.float32), "logits": np.zeros((n, 3), np.float32)}
     arrays["chan_max"] = arrays["chan_mean"] * (1 + rng.exponential(size=(n, c))).astype(np.float32)
+    arrays["features"] = arrays["chan_mean"] + 1  # not the means: they are read for NAP alone
+    steps = {"chan_max": 2000, "chan_mean": 1500}
     whole, runs = [], []
 
     def load(key):
@@ -368,14 +372,43 @@ def test_nap_reads_the_prepool_maxima_a_run_of_rows_at_a_time():
         return arrays[key]
 
     def load_runs(key):
-        for start in range(0, n, 2000):
-            runs.append((key, start, min(start + 2000, n)))
-            yield start, min(start + 2000, n), arrays[key][start : start + 2000]
+        step = steps[key]
+        for start in range(0, n, step):
+            runs.append((key, start, min(start + step, n)))
+            yield start, min(start + step, n), arrays[key][start : start + step]
 
     data = SplitData("s", loader=load, run_loader=load_runs)
     ratio = arrays["chan_max"].astype(np.float64) / (arrays["chan_mean"].astype(np.float64) + 1.0)
     assert np.array_equal(shared_nap_score(data, 1.0), (ratio**2).mean(axis=1))
-    assert "chan_max" not in whole and [r[1:] for r in runs] == [(0, 2000), (2000, 4000), (4000, 5000)]
+    assert "chan_max" not in whole and "chan_mean" not in whole
+    assert [r[1:] for r in runs if r[0] == "chan_max"] == [(0, 2000), (2000, 4000), (4000, 5000)]
+    assert [r[1:] for r in runs if r[0] == "chan_mean"] == [(0, 1500), (1500, 3000), (3000, 4500), (4500, 5000)]
+
+    # where chan_mean is the features, the features are read whole (every product method needs them)
+    whole.clear(), runs.clear()
+    arrays["features"] = arrays["chan_mean"]
+    data = SplitData("s", loader=load, run_loader=load_runs, same_as={"chan_mean": "features"})
+    assert np.array_equal(shared_nap_score(data, 1.0), (ratio**2).mean(axis=1))
+    assert "features" in whole and not {"chan_max", "chan_mean"} & set(whole) and {r[0] for r in runs} == {"chan_max"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int64])
+@pytest.mark.parametrize("n, c", [(0, 4), (1, 1), (7, 3), (1000, 2048), (333, 1000)])
+def test_nap_score_in_passes_is_the_formula_on_float64_copies(dtype, n, c):
+    from featcache.methods.nap import nap_score
+
+    rng = np.random.default_rng(n + c)
+    mean = (rng.random((n, c)) * 3).astype(dtype)
+    top = (mean * (1 + rng.exponential(size=(n, c)))).astype(dtype)
+    for eps in (1.0, 0.5, 1e-3):
+        ratio = top.astype(np.float64) / (mean.astype(np.float64) + eps)
+        assert np.array_equal(nap_score(top, mean, eps), np.mean(ratio**2, axis=1))
+
+
+def test_row_runs_together_refuses_arrays_of_different_lengths():
+    data = SplitData("s", a=np.zeros((5000, 2)), b=np.zeros((4000, 2)))
+    with pytest.raises(FeatcacheError, match="different lengths"):
+        list(data.row_runs_together("a", "b"))
 
 
 def test_dice_heads_of_a_batch_are_each_np_percentiles():

@@ -260,6 +260,66 @@ def test_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
     assert "missing keys fc.bias" in err and "unexpected keys head.extra" in err and "wrong.pt" in err
 
 
+def _nap_by_hand(path, split):
+    """NAP's formula on a split's stored arrays, read with h5py alone."""
+    with h5py.File(path, "r") as fh:
+        mx = fh[f"splits/{split}/chan_max"][...].astype(np.float64)
+        mn = fh[f"splits/{split}/chan_mean"][...].astype(np.float64)
+    return np.mean((mx / (mn + 1.0)) ** 2, axis=1)
+
+
+def _nap_scores(path, split):
+    from featcache.methods.nap import shared_nap_score
+    from featcache.replay import load_replay
+
+    with featcache.open_cache(path) as cache:
+        replay = load_replay(cache)
+        data = next(d for d in [replay.id_test, *replay.oods] if d.name == split)
+        return shared_nap_score(data, 1.0)
+
+
+def test_nap_takes_the_stored_means_whatever_an_attribute_claims(random_digits, tmp_path):
+    # a split whose attribute says chan_mean is the features while its (checksummed) means differ:
+    # NAP scores the means it stores, never the features in their place
+    path = copy(random_digits["h5"], tmp_path)
+    with h5py.File(path, "r+") as fh:
+        group = fh["splits/photos"]
+        assert group.attrs["chan_mean_is_features"]
+        means = group["features"][...] * np.float32(0.5) + np.float32(0.25)
+        del group["chan_mean"]
+        group["chan_mean"] = means
+    restamp(path)
+    expected = _nap_by_hand(path, "photos")
+    with h5py.File(path, "r") as fh:
+        assert not np.array_equal(fh["splits/photos/chan_mean"][...], fh["splits/photos/features"][...])
+    assert np.array_equal(_nap_scores(path, "photos"), expected)
+
+
+def test_means_stored_twice_are_read_as_the_features(random_digits, tmp_path, monkeypatch):
+    # chan_mean stored again instead of linked, and no attribute saying so (another writer's cache):
+    # equal checksums say the bytes are the features', so they are not read a second time
+    from featcache.cache import store as stores
+
+    path = copy(random_digits["h5"], tmp_path)
+    with h5py.File(path, "r+") as fh:
+        group = fh["splits/photos"]
+        features = group["features"][...]
+        del group["chan_mean"]
+        group["chan_mean"] = features
+        del group.attrs["chan_mean_is_features"]
+    restamp(path)
+    nodes = []
+    honest = stores.H5Store.blocks
+
+    def recorded(self, node, out=None):
+        nodes.append(node)
+        yield from honest(self, node, out)
+
+    monkeypatch.setattr(stores.H5Store, "blocks", recorded)
+    assert np.array_equal(_nap_scores(path, "photos"), _nap_by_hand(path, "photos"))
+    assert "/splits/photos/features" in nodes and "/splits/photos/chan_mean" not in nodes
+
+
 @pytest.mark.parametrize("fmt", ["h5", "zarr"])
 def test_nap_scores_the_very_bytes_it_checked(random_digits, fmt, monkeypatch):
     # NAP reads the pre-pool maxima a run at a time: each run is hashed as it is used, so bytes that

@@ -184,6 +184,15 @@ class Split:
     def has(self, array: str) -> bool:
         return self.store.has(f"{self.group}/{array}")
 
+    def same_contents(self, array: str, other: str) -> bool:
+        """Whether datasets `array` and `other` of this complete split hold the same numbers: equal
+        stored checksums (sha256 of the bytes), shapes and dtypes. Reading either one, checked, gives
+        exactly what the other holds (chan_mean and features of a ResNet, linked or stored twice)."""
+        checksums = self.cache.layout.checksums.get(self.name, {}) if self.complete else {}
+        return (checksums.get(array) is not None and checksums.get(array) == checksums.get(other)
+                and self.has(array) and self.has(other)
+                and self.shape(array) == self.shape(other) and self.dtype(array) == self.dtype(other))
+
     def _node(self, array: str) -> str:
         """The store node of dataset `array`, refused by name when the split has no such dataset."""
         if array not in SPLIT_ARRAYS:

@@ -195,6 +195,26 @@ class SplitData:
         else:
             yield from self._run_loader(key)
 
+    def row_runs_together(self, *keys):
+        """(start, stop, [rows of each of `keys`]) over the split: `row_runs` of several arrays at once,
+        on the boundaries of all of them. Every run of every array is taken, so each streamed array
+        finishes its check after its last run."""
+        streams = [self.row_runs(key) for key in keys]
+        runs = [next(stream, None) for stream in streams]
+        start = 0
+        while all(run is not None for run in runs):
+            stop = min(run[1] for run in runs)
+            yield start, stop, [rows[start - first : stop - first] for first, _, rows in runs]
+            start = stop
+            runs = [next(stream, None) if run[1] <= stop else run for stream, run in zip(streams, runs)]
+        for stream, run in zip(streams, runs):  # the arrays are one length: the others end here too
+            if run is not None or next(stream, None) is not None:
+                raise FeatcacheError(f"split {self.name!r}: arrays {', '.join(keys)} have different lengths")
+
+    def same_as(self, key: str) -> str:
+        """The array that array `key` is read as (chan_mean may be the features)."""
+        return self._same_as.get(key, key)
+
     def __getattr__(self, key):
         # only reached when the attribute is not set yet
         if key in ARRAYS and self.__dict__.get("_loader") is not None:

@@ -46,10 +46,28 @@ ZERO_PRODUCT = float(np.floor(LOG_TINY) - 1)  # -746: S_X > 0, S_NAP = 0
 NONPOSITIVE_TOP = ZERO_PRODUCT - 1  # -747: S_X <= 0 scores NONPOSITIVE_TOP + S_X
 
 
+NAP_PASS_BYTES = 1 << 19  # float64 rows per pass of `nap_score`: a buffer that stays in the core's cache
+
+
 def nap_score(chan_max: np.ndarray, chan_mean: np.ndarray, eps: float = NAP_EPS) -> np.ndarray:
-    """mean_c (max_c / (mean_c + eps))^2 per sample."""
-    ratio = np.asarray(chan_max, np.float64) / (np.asarray(chan_mean, np.float64) + eps)
-    return np.mean(ratio**2, axis=1)
+    """mean_c (max_c / (mean_c + eps))^2 per sample, in float64."""
+    chan_max, chan_mean = np.asarray(chan_max), np.asarray(chan_mean)
+    if chan_max.shape != chan_mean.shape or chan_max.ndim != 2:
+        raise ValueError(f"nap_score: chan_max {chan_max.shape} and chan_mean {chan_mean.shape} must be one (N, C) shape")
+    n, c = chan_max.shape
+    out = np.empty(n)
+    # a few rows at a time in one float64 buffer, in place: the formula's own operations in its order
+    # (the casts are exact), so the same numbers as whole float64 copies, without four (N, C) temporaries
+    # that a ratio of the split's size would fault in and stream through memory
+    step = max(1, NAP_PASS_BYTES // (8 * max(c, 1)))
+    buffer = np.empty((min(step, n), c))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        ratio = buffer[: stop - start]
+        np.add(chan_mean[start:stop], eps, out=ratio, dtype=np.float64)
+        np.divide(chan_max[start:stop], ratio, out=ratio, dtype=np.float64)
+        out[start:stop] = np.square(ratio, out=ratio).mean(axis=1)
+    return out
 
 
 def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, form: str = "paper") -> np.ndarray:
@@ -66,10 +84,15 @@ def combine_scores(s_x: np.ndarray, s_nap: np.ndarray, w: float, form: str = "pa
 
 def shared_nap_score(data, eps):
     def compute():
-        # the pre-pool maxima are read for this alone: a run of rows at a time, never held whole
+        # the pre-pool maxima, and means other than the features (which every product method holds
+        # anyway), are read for this alone: a run of rows at a time, never held whole
+        if data.same_as("chan_mean") == "features":
+            mean = data.features
+            runs = ((start, stop, (mx, mean[start:stop])) for start, stop, mx in data.row_runs("chan_max"))
+        else:
+            runs = data.row_runs_together("chan_max", "chan_mean")
         score = np.empty(len(data))
-        for start, stop, mx in data.row_runs("chan_max"):
-            mn = data.chan_mean[start:stop]
+        for start, stop, (mx, mn) in runs:
             score[start:stop] = row_reduce(lambda a, b: nap_score(mx[a:b], mn[a:b], eps), stop - start,
                                            block=-(-(stop - start) // n_workers()))  # a run on every core
         return score

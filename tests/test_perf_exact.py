@@ -330,9 +330,12 @@ def test_first_true_is_a_running_count():
     from featcache.methods.ash import first_true
 
     rng = np.random.default_rng(12)
-    for _ in range(400):
-        rows, d = rng.integers(1, 30), rng.integers(1, 70)
-        flags = rng.random((rows, d)) < rng.random()
+    # widths of whole 64-bit words (counted a word at a time) and of any number of bytes
+    widths = [64, 128, 512, 2048, 1000, 63, 65]
+    for i in range(600):
+        rows = rng.integers(1, 30)
+        d = widths[i % len(widths)] if i % 2 else rng.integers(1, 300)
+        flags = rng.random((rows, d)) < rng.random() ** 3
         need = rng.integers(-1, d + 2, size=rows)
         assert np.array_equal(first_true(flags, need), flags & (np.cumsum(flags, axis=1) <= need[:, None]))
 
@@ -781,3 +784,22 @@ def test_a_replay_s_head_cannot_be_changed_in_place_and_its_arrays_are_not_copie
         with pytest.raises(ValueError, match="read-only"):
             replay.head.bias += 1
         assert replay.id_test.logits.flags.writeable and replay.fit.data.features.flags.writeable
+
+
+@pytest.mark.parametrize("T", [1, 1.0, 0.3, 7.5])
+def test_gradnorm_from_known_row_maxima_and_at_T_1_is_the_formula_to_the_bit(T):
+    # the rows' largest logits divided by T are the largest of f / T (division keeps order), and a
+    # division by 1 is a copy: both give the very numbers of the formula's own steps
+    from featcache.methods.gradnorm import gradnorm_score
+
+    rng = np.random.default_rng(21)
+    f = (rng.standard_normal((700, 50)) * 4).astype(np.float32)
+    f[3] = 0.0  # a row of zeros, its maximum a zero
+    f[4, :10] = -0.0
+    x = rng.random((700, 8)).astype(np.float32)
+    z = f.astype(np.float64) / T
+    lse = z.max(axis=1) + np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1))
+    expected = (50 / T) * np.abs(np.exp(z - lse[:, None]) - 1.0 / 50).sum(axis=1) * np.abs(x.astype(np.float64)).sum(axis=1)
+    tops = f.max(axis=1).astype(np.float64)
+    assert np.array_equal(gradnorm_score(f, x, T), expected)
+    assert np.array_equal(gradnorm_score(f, x, T, tops=tops), expected)

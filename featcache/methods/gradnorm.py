@@ -18,11 +18,15 @@ import numpy as np
 
 from featcache.methods.data import Output, original_predictions
 from featcache.methods.kernels import LSE_BLOCK, row_reduce
+from featcache.methods.logit import original_max_logit
 from featcache.methods.registry import register
 
 
-def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.ndarray | None = None) -> np.ndarray:
-    """`l1`: ||x||_1 per row when already known (it does not depend on T)."""
+def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.ndarray | None = None,
+                   tops: np.ndarray | None = None) -> np.ndarray:
+    """`l1`: ||x||_1 per row when already known (it does not depend on T); `tops`: the rows' largest
+    logits in float64, when known (f / T is largest where f is: a correctly rounded division by T > 0
+    keeps order, so max(f) / T is the largest of f / T, to the bit)."""
     if l1 is None:
         l1 = feature_l1(x)
     # LSE_BLOCK rows at a time in two buffers that stay in the CPU cache, in place: the very
@@ -33,8 +37,11 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.nda
     for a in range(0, n, LSE_BLOCK):
         rows = slice(a, min(a + LSE_BLOCK, n))
         zr, er = z[: rows.stop - a], e[: rows.stop - a]
-        np.divide(logits[rows], T, out=zr, dtype=np.float64)
-        top = zr.max(axis=1, keepdims=True)
+        if T == 1:
+            np.copyto(zr, logits[rows])  # a division by 1 is exact: the same numbers, without numpy's casting divide
+        else:
+            np.divide(logits[rows], T, out=zr, dtype=np.float64)
+        top = zr.max(axis=1, keepdims=True) if tops is None else np.divide(tops[rows], T)[:, None]
         lse = top[:, 0] + np.log(np.exp(np.subtract(zr, top, out=er), out=er).sum(axis=1))  # logsumexp per row
         probs = np.exp(np.subtract(zr, lse[:, None], out=er), out=er)
         probs -= 1.0 / k
@@ -51,5 +58,6 @@ def gradnorm(data, head, fit, T):
     # a block of rows at a time: each row's score is its own, and no (N, K) float64 array is held
     f, x = data.logits, data.features
     l1 = data.memo(("l1",), lambda: row_reduce(lambda a, b: feature_l1(x[a:b]), len(x)))  # one pass for every T
-    return Output(row_reduce(lambda a, b: gradnorm_score(f[a:b], None, T, l1[a:b]), len(f)),
+    tops = original_max_logit(data)
+    return Output(row_reduce(lambda a, b: gradnorm_score(f[a:b], None, T, l1[a:b], tops[a:b]), len(f)),
                   original_predictions(data))

@@ -122,8 +122,8 @@ def clipped_pruned_job(data, head, cp, variants):
     n = len(data.features)
 
     def pruned(start, stop):
-        block = rows(start, stop)
-        return block * mask(start, stop, block)  # as ASH's pruning (np.where costs six times more)
+        block = rows(start, stop)  # a new array: pruned in place, as ASH's pruning (np.where costs six times more)
+        return np.multiply(block, mask(start, stop, block), out=block)
 
     scales, shaped = [None] * len(variants), pruned
     if "react+ash_s" in variants:

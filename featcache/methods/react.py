@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.methods.ash import keep_count, mask_from_kth, sharpen_scale, shared_top_k, top_k_mask
+from featcache.methods.ash import first_true, keep_count, mask_from_kth, sharpen_scale, shared_top_k, top_k_mask
 from featcache.methods.data import Output, made_together
 from featcache.methods.kernels import clip_above
 from featcache.methods.rg import shared_clipped_sum
@@ -75,11 +75,14 @@ def planned_clip(fit, params: dict, data) -> float:
 
 
 def clipped_blocks(data, c, p):
-    """(rows clipped at c, their keep mask, k), a block of rows at a time, from the split's one sort.
+    """(rows clipped at c, their keep mask, k, capped), a block of rows at a time, from the split's one sort.
 
     min(., c) is monotone, so the clipped rows' k-th values are the rows' k-th values clipped.
     The mask is ASH's (ties at the k-th value broken lowest index first), as `ash_prune` of the whole
-    clipped array gives it.
+    clipped array gives it. capped(start, stop): whether every row of the block has more than k
+    entries at c or above, so that its k kept entries are the first k of them, all equal to c (a
+    clip below most rows' k-th value): the mask then needs no count of the entries above the k-th,
+    and the kept entries sum to k c exactly.
     """
     c, x = np.float32(c), data.features
     k = keep_count(x.shape[1], p)
@@ -88,14 +91,21 @@ def clipped_blocks(data, c, p):
     def rows(start, stop):
         return react_features(x[start:stop], c)
 
+    def capped(start, stop):
+        # the (k+1)-th largest clipped value is c: then so is the k-th, and more than k entries tie at it
+        return stats.kth is not None and bool((stats.after[start:stop] >= c).all())
+
     def mask(start, stop, clipped=None):
         """The mask of rows start:stop; `clipped`: those rows, when already made."""
         if stats.kth is None:
             return top_k_mask(x[start:stop], k)
+        block = rows(start, stop) if clipped is None else clipped
+        if capped(start, stop):
+            return first_true(block >= c, np.full(stop - start, k))  # clipped rows reach c only where they equal it
         kth, after = np.minimum(stats.kth[start:stop], c), np.minimum(stats.after[start:stop], c)
-        return mask_from_kth(rows(start, stop) if clipped is None else clipped, k, kth, after)
+        return mask_from_kth(block, k, kth, after)
 
-    return rows, mask, k
+    return rows, mask, k, capped
 
 
 CLIPPED_PRUNED = ("react+ash_p", "react+ash_s")  # one clipped, pruned feature; the second rescales its rows
@@ -118,7 +128,7 @@ def clipped_pruned_job(data, head, cp, variants):
     """The head product of the features clipped at c and pruned at p, cp = (c, p), finished as each
     of `variants` (of CLIPPED_PRUNED)."""
     c, p = cp
-    rows, mask, _ = clipped_blocks(data, c, p)
+    rows, mask, k, capped = clipped_blocks(data, c, p)
     n = len(data.features)
 
     def pruned(start, stop):
@@ -131,10 +141,14 @@ def clipped_pruned_job(data, head, cp, variants):
         # scaled: one shaping pass instead of two (r is elementwise, so the same numbers)
         s1, r = shared_clipped_sum(data, c), np.empty(n)  # s1 = sum(min(x, c)), shared with RG
         scales[variants.index("react+ash_s")] = r
+        # a capped row keeps k entries equal to c (in float32, as clipped), the rest zeros: every
+        # partial sum j c (j <= k) is exact in float64, so the sum in any order is k c
+        capped_sum = k * float(np.float32(c))
 
         def shaped(start, stop):
             block = pruned(start, stop)
-            r[start:stop] = sharpen_scale(s1[start:stop], block.sum(axis=1, dtype=np.float64))
+            s2 = np.full(stop - start, capped_sum) if capped(start, stop) else block.sum(axis=1, dtype=np.float64)
+            r[start:stop] = sharpen_scale(s1[start:stop], s2)
             return block
 
     return head.job(shaped, scales)
@@ -149,7 +163,7 @@ def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 @register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
     def job(cp, _variants):
-        _, mask, k = clipped_blocks(data, *cp)
+        _, mask, k, _ = clipped_blocks(data, *cp)
         return head.job(mask, [shared_clipped_sum(data, cp[0]) / k if k else np.zeros(len(data.features))])
 
     planned = [((planned_clip(fit, params, data), params["p"]), "react+ash_b") for params in data.planned({"react+ash_b"})]

@@ -410,6 +410,17 @@ def test_nap_score_in_passes_is_the_formula_on_float64_copies(dtype, n, c):
         assert np.array_equal(nap_score(top, mean, eps), np.mean(ratio**2, axis=1))
 
 
+def test_nap_score_of_other_layouts_keeps_their_numbers():
+    # column-major copies sum in their own order, a (C,) mean broadcasts: the whole-copy formula's numbers
+    from featcache.methods.nap import nap_score
+
+    rng = np.random.default_rng(4)
+    top, mean = rng.random((100, 16)).astype(np.float32) * 5, rng.random((100, 16)).astype(np.float32)
+    for a, b in [(np.asfortranarray(top), np.asfortranarray(mean)), (top[:, ::-1], mean), (top, mean[0])]:
+        ratio = np.asarray(a, np.float64) / (np.asarray(b, np.float64) + 1.0)
+        assert np.array_equal(nap_score(a, b), np.mean(ratio**2, axis=1))
+
+
 def test_row_runs_together_refuses_arrays_of_different_lengths():
     data = SplitData("s", a=np.zeros((5000, 2)), b=np.zeros((4000, 2)))
     with pytest.raises(FeatcacheError, match="different lengths"):
@@ -805,3 +816,5 @@ def test_gradnorm_from_known_row_maxima_and_at_T_1_is_the_formula_to_the_bit(T):
     tops = f.max(axis=1).astype(np.float64)
     assert np.array_equal(gradnorm_score(f, x, T), expected)
     assert np.array_equal(gradnorm_score(f, x, T, tops=tops), expected)
+    # a T <= 0 (refused by every command, not by a direct call) reverses the order: the maxima are not used
+    assert np.array_equal(gradnorm_score(f, x, -T, tops=tops), gradnorm_score(f, x, -T))

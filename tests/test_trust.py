@@ -295,6 +295,41 @@ def test_nap_takes_the_stored_means_whatever_an_attribute_claims(random_digits, 
     assert np.array_equal(_nap_scores(path, "photos"), expected)
 
 
+def test_autocast_extraction_keeps_the_means_in_both_formats(random_digits, tmp_path):
+    # under autocast the pooled features are rounded to bf16 while the means are float32: they differ,
+    # so HDF5 stores the means too (no link), and NAP scores the same numbers from .h5 and .zarr
+    pipeline = write_pipeline(tmp_path, checkpoint="random",
+                              overrides={"extract": {"amp": "bf16"}, "pseudo_ood": None})
+    h5 = extract(load_pipeline(pipeline), progress=False)
+    zarr = extract(load_pipeline(pipeline), out=tmp_path / "digits.zarr", progress=False)
+    with h5py.File(h5, "r") as fh:
+        group = fh["splits/photos"]
+        assert not group.attrs["chan_mean_is_features"]
+        assert not np.array_equal(group["chan_mean"][...], group["features"][...])
+    assert np.array_equal(_nap_scores(h5, "photos"), _nap_scores(zarr, "photos"))
+    assert np.array_equal(_nap_scores(h5, "photos"), _nap_by_hand(h5, "photos"))
+
+
+@pytest.mark.parametrize("target", ["out.h5", "out.zarr"])
+def test_convert_keeps_means_an_attribute_claims_are_the_features(random_digits, tmp_path, target):
+    # the attribute says chan_mean is the features, the stored (checksummed) means differ: a copy
+    # keeps the means instead of linking them away
+    from featcache.cache.convert import convert
+
+    path = copy(random_digits["h5"], tmp_path)
+    with h5py.File(path, "r+") as fh:
+        group = fh["splits/photos"]
+        means = group["features"][...] * np.float32(0.5) + np.float32(0.25)
+        del group["chan_mean"]
+        group["chan_mean"] = means
+    restamp(path)
+    out = convert(path, tmp_path / target)
+    with featcache.open_cache(out) as copied, featcache.open_cache(path) as source:
+        assert copied.fingerprint == source.fingerprint
+        assert np.array_equal(copied.split("photos")["chan_mean"], means)
+    assert np.array_equal(_nap_scores(out, "photos"), _nap_by_hand(path, "photos"))
+
+
 def test_means_stored_twice_are_read_as_the_features(random_digits, tmp_path, monkeypatch):
     # chan_mean stored again instead of linked, and no attribute saying so (another writer's cache):
     # equal checksums say the bytes are the features', so they are not read a second time

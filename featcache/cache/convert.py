@@ -21,9 +21,11 @@ def _write_split(writer: CacheWriter, name: str, attrs: dict, parts: list, dims:
     """Write split `name` from `parts`, (split, rows) pairs read in order, in chunks of rows."""
     n = sum(len(range(*rows.indices(split.n))) for split, rows in parts)
     extra = {k: v for k, v in attrs.items() if k not in OWN_SPLIT_ATTRS}
+    # chan_mean is linked to (or stored as) the features only where every source holds the same
+    # bytes in both, as their checksums say: an attribute claiming so over other means would drop them
+    same = all(split.same_contents("chan_mean", "features") for split, _ in parts)
     out = writer.split(name, role=attrs["role"], source=attrs["source"], n=n, dims=dims,
-                       chan_mean_is_features=bool(attrs.get("chan_mean_is_features", False)),
-                       extra_attrs=extra, write_rows=COPY_ROWS)
+                       chan_mean_is_features=same, extra_attrs=extra, write_rows=COPY_ROWS)
     if out.complete:
         return
     if out.rows_written:  # a resumed copy starts the split again: simpler than finding the part

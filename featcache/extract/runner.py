@@ -675,4 +675,4 @@ def _open_split(writer, source: SplitSource, data, probe, extractor, layers, ext
     if dims["D"] != extractor.weight.shape[1]:
         raise FeatcacheError(f"feature node {layers.feature!r} has width {dims['D']}, the head takes {extractor.weight.shape[1]}")
     return writer.split(source.name, role=source.role, source=source.name, n=len(data), dims=dims,
-                        chan_mean_is_features=layers.mean_pooled, extra_attrs=extra, write_rows=batch_size)
+                        chan_mean_is_features=layers.mean_pooled and extractor.amp is None, extra_attrs=extra, write_rows=batch_size)

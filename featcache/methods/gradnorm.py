@@ -26,7 +26,7 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.nda
                    tops: np.ndarray | None = None) -> np.ndarray:
     """`l1`: ||x||_1 per row when already known (it does not depend on T); `tops`: the rows' largest
     logits in float64, when known (f / T is largest where f is: a correctly rounded division by T > 0
-    keeps order, so max(f) / T is the largest of f / T, to the bit)."""
+    keeps order, so max(f) / T is the largest of f / T, to the bit; used for T > 0 only)."""
     if l1 is None:
         l1 = feature_l1(x)
     # LSE_BLOCK rows at a time in two buffers that stay in the CPU cache, in place: the very
@@ -41,7 +41,7 @@ def gradnorm_score(logits: np.ndarray, x: np.ndarray, T: float = 1.0, l1: np.nda
             np.copyto(zr, logits[rows])  # a division by 1 is exact: the same numbers, without numpy's casting divide
         else:
             np.divide(logits[rows], T, out=zr, dtype=np.float64)
-        top = zr.max(axis=1, keepdims=True) if tops is None else np.divide(tops[rows], T)[:, None]
+        top = zr.max(axis=1, keepdims=True) if tops is None or not T > 0 else np.divide(tops[rows], T)[:, None]
         lse = top[:, 0] + np.log(np.exp(np.subtract(zr, top, out=er), out=er).sum(axis=1))  # logsumexp per row
         probs = np.exp(np.subtract(zr, lse[:, None], out=er), out=er)
         probs -= 1.0 / k

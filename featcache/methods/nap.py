@@ -52,8 +52,12 @@ NAP_PASS_BYTES = 1 << 19  # float64 rows per pass of `nap_score`: a buffer that 
 def nap_score(chan_max: np.ndarray, chan_mean: np.ndarray, eps: float = NAP_EPS) -> np.ndarray:
     """mean_c (max_c / (mean_c + eps))^2 per sample, in float64."""
     chan_max, chan_mean = np.asarray(chan_max), np.asarray(chan_mean)
-    if chan_max.shape != chan_mean.shape or chan_max.ndim != 2:
-        raise ValueError(f"nap_score: chan_max {chan_max.shape} and chan_mean {chan_mean.shape} must be one (N, C) shape")
+    if not (chan_max.ndim == 2 and chan_max.shape == chan_mean.shape
+            and chan_max.flags.c_contiguous and chan_mean.flags.c_contiguous):
+        # other layouts and broadcasting shapes (the Python API): whole copies, whose layout sets the
+        # order of the sum, as always
+        ratio = np.asarray(chan_max, np.float64) / (np.asarray(chan_mean, np.float64) + eps)
+        return np.mean(ratio**2, axis=1)
     n, c = chan_max.shape
     out = np.empty(n)
     # a few rows at a time in one float64 buffer, in place: the formula's own operations in its order
@@ -100,7 +104,8 @@ def shared_nap_score(data, eps):
     return data.memo(("nap", eps), compute)
 
 
-@register("nap", defaults={"eps": NAP_EPS}, paper=every_benchmark({"eps": NAP_EPS}))
+# version 2: the stored chan_mean, not the features where only an attribute (unchecked) said they were equal
+@register("nap", defaults={"eps": NAP_EPS}, paper=every_benchmark({"eps": NAP_EPS}), version=2)
 def nap(data, head, fit, eps):
     return Output(shared_nap_score(data, eps), original_predictions(data))
 

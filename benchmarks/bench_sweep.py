@@ -3,7 +3,9 @@
 1. Creates (or reuses) cache/bench_imagenet.h5: id_test 50,000, four ood splits of 10,000,
    id_train 10,000, id_val 5,000, D = C = 2048, K = 1000 (benchmarks/synthetic.py).
 2. Times one dense float32 product of all evaluated samples (id_test and ood, 90,000) with the head:
-   the unit of every figure.
+   the unit of every figure, timed again after each grid; a grid counts in the mean of the units
+   timed just before and just after it (the machine's speed drifts by several % over minutes: one
+   unit timed at the start differed from the next runs' by 8% while the grids' seconds did not).
 3. For each of three grids (the benchmark's 100 configurations, another mix, and 100 configurations
    shaped as the issue's own check describes its grid): counts its floor,
    the distinct dense products its configurations need (featcache.grid.floor_products), times one
@@ -102,22 +104,25 @@ def reuse_or_make(path: Path) -> Path:
     return path
 
 
-def time_product(path: Path) -> tuple[float, float, tuple]:
-    """(seconds, CPU seconds, shape) of the fastest of three dense float32 products of the evaluated
-    samples with the head. CPU seconds (all threads) are the steadier unit on a machine shared with
-    other work: a wait for a core counts in seconds, not in CPU seconds."""
+def product_inputs(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluated samples' features (id_test and the ood splits, stacked) and the head's weight."""
     import featcache
 
     cache = featcache.open_cache(path)
     splits = [cache.one_split("id_test")] + cache.splits("ood")
-    x = np.concatenate([s["features"] for s in splits])
-    w = cache.head_weight
+    return np.concatenate([s["features"] for s in splits]), cache.head_weight
+
+
+def time_product(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """(seconds, CPU seconds) of the fastest of three dense float32 products of the evaluated
+    samples with the head. CPU seconds (all threads) are the steadier unit on a machine shared with
+    other work: a wait for a core counts in seconds, not in CPU seconds."""
     best, best_cpu = float("inf"), float("inf")
     for _ in range(3):
         t0, c0 = time.perf_counter(), time.process_time()
         x @ w.T
         best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
-    return best, best_cpu, (x.shape[0], x.shape[1], w.shape[0])
+    return best, best_cpu
 
 
 CHILD = """
@@ -272,27 +277,37 @@ def main():
 
     keep_freed_memory()
 
-    product, product_cpu, shape = time_product(path)
-    print(f"\nCPU cores: {os.cpu_count()}; one float32 product {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}: "
-          f"{product:.3f} s, {product_cpu:.3f} CPU s  (= 1 product)")
+    x, w = product_inputs(path)
+    before = time_product(x, w)
+    print(f"\nCPU cores: {os.cpu_count()}; one float32 product {x.shape[0]}x{x.shape[1]} @ {x.shape[1]}x{w.shape[0]}: "
+          f"{before[0]:.3f} s, {before[1]:.3f} CPU s  (= 1 product; timed again after each grid, and each grid "
+          "counted in the mean of the products timed just before and just after it: the machine's speed drifts "
+          "by several % over minutes, the unit with it)")
 
     walls = {}
     for label, (grid, target) in GRIDS.items():
         configs = expand_grid(grid)
         floor = floor_products(configs)
-        read = time_read_once(path, arrays_read(grid)) / product
+        read_seconds = time_read_once(path, arrays_read(grid))
         wall, cpu, peak_gb = run_grid(path, grid)
+        after = time_product(x, w)
+        product, product_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+        read = read_seconds / product
         walls[label] = (wall, len(configs))
         measured = wall / product
         print(f"\n{label}: {len(configs)} configurations in {wall:.1f} s = {measured:.1f} products (target {target}; "
               f"fresh process, empty progress store, cache reads verified); in CPU time {cpu:.1f} s = "
               f"{cpu / product_cpu:.1f} products")
+        print(f"  one product timed just before and just after it: {before[0]:.3f} and {after[0]:.3f} s "
+              f"({wall / before[0]:.1f} and {wall / after[0]:.1f} products against each)")
         print(f"  floor: {floor} distinct dense products; reading the cache once: {read:.1f} products; "
               f"floor + one read = {floor + read:.1f}")
         print(f"  measured / floor = {measured / floor:.2f} ({100 * (measured / floor - 1):+.0f}%); "
               f"measured / (floor + one read) = {measured / (floor + read):.2f} "
               f"({100 * (measured / (floor + read) - 1):+.0f}%)")
         print(f"  peak resident memory of the sweep process: {peak_gb:.2f} GB (target <= 2)")
+        before = after
+    product = before[0]  # the unit timed after the last grid, next to what follows
 
     print("\none more configuration, its neighbours' shared work done (target <= 0.05 products each): the "
           "slowest of five new values, each the fastest of three repeats as the unit is, and their median")

@@ -419,6 +419,8 @@ def test_nap_score_of_other_layouts_keeps_their_numbers():
     for a, b in [(np.asfortranarray(top), np.asfortranarray(mean)), (top[:, ::-1], mean), (top, mean[0])]:
         ratio = np.asarray(a, np.float64) / (np.asarray(b, np.float64) + 1.0)
         assert np.array_equal(nap_score(a, b), np.mean(ratio**2, axis=1))
+    eps = rng.random((100, 1)) + 0.5  # one per row
+    assert np.array_equal(nap_score(top, mean, eps), np.mean((top.astype(np.float64) / (mean + eps)) ** 2, axis=1))
 
 
 def test_row_runs_together_refuses_arrays_of_different_lengths():

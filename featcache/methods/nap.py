@@ -46,16 +46,16 @@ ZERO_PRODUCT = float(np.floor(LOG_TINY) - 1)  # -746: S_X > 0, S_NAP = 0
 NONPOSITIVE_TOP = ZERO_PRODUCT - 1  # -747: S_X <= 0 scores NONPOSITIVE_TOP + S_X
 
 
-NAP_PASS_BYTES = 1 << 19  # float64 rows per pass of `nap_score`: a buffer that stays in the core's cache
+NAP_PASS_BYTES = 1 << 19  # the float64 rows of one pass of `nap_score`: a buffer that stays in the core's cache
 
 
 def nap_score(chan_max: np.ndarray, chan_mean: np.ndarray, eps: float = NAP_EPS) -> np.ndarray:
     """mean_c (max_c / (mean_c + eps))^2 per sample, in float64."""
     chan_max, chan_mean = np.asarray(chan_max), np.asarray(chan_mean)
-    if not (chan_max.ndim == 2 and chan_max.shape == chan_mean.shape
+    if not (chan_max.ndim == 2 and chan_max.shape == chan_mean.shape and np.ndim(eps) == 0
             and chan_max.flags.c_contiguous and chan_mean.flags.c_contiguous):
-        # other layouts and broadcasting shapes (the Python API): whole copies, whose layout sets the
-        # order of the sum, as always
+        # other layouts and broadcasting shapes or eps (the Python API): whole copies, whose layout
+        # sets the order of the sum, as always
         ratio = np.asarray(chan_max, np.float64) / (np.asarray(chan_mean, np.float64) + eps)
         return np.mean(ratio**2, axis=1)
     n, c = chan_max.shape

@@ -536,3 +536,12 @@ def test_shared_finishing_shifts_each_lse_block_by_its_own_top(rng):
             assert np.array_equal(scores, np.concatenate(want_scores)), T
             assert np.array_equal(predictions, np.concatenate(want_predictions)), T
             assert np.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("clip", [1e39, -1e39, 3.5e38])
+def test_a_clip_beyond_float32_is_refused_by_name(clip):
+    # the clip is applied in float32, where these become infinite: -1e39 made every score NaN
+    for name in ("react", "react+ash_s", "nap+react"):
+        with pytest.raises(FeatcacheError, match="clip must be a finite number within float32's range"):
+            get_method(name).resolve({"clip": clip})
+    assert get_method("react").resolve({"clip": 3.4e38})["clip"] == 3.4e38

@@ -92,6 +92,14 @@ def test_sharded_extraction_merged_equals_one_run(random_digits, tmp_path):
     same_cache(extract(pipeline, out=tmp_path / "whole.h5", progress=False, batch_size=64), merged)
     with pytest.raises(featcache.errors.FeatcacheError, match="not one complete set"):
         merge(shards[:2], tmp_path / "incomplete.h5")
+    # a shard of another precision, or one storing chan_mean another way (autocast before and after
+    # 2026-12-05), is not part of this extraction: its rows would make a cache no single run writes
+    for n, (node, key, value) in enumerate([("/", "precision", "bf16"), ("splits/letters", "chan_mean_is_features", False)]):
+        odd = copy(shards[1], tmp_path, f"odd{n}.h5")
+        with h5py.File(odd, "r+") as fh:
+            fh[node].attrs[key] = value
+        with pytest.raises(featcache.errors.FeatcacheError, match=key if n == 0 else "chan_mean"):
+            merge([shards[0], odd, shards[2]], tmp_path / f"odd{n}_merged.h5")
 
 
 def sweep_csv(tmp_path, cache, name):

@@ -92,13 +92,21 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
             cache.verify_all()
         first = info[0][2]
         for _, _, cache in info[1:]:
-            for key in ("checkpoint_sha256", "preprocessing", "backbone", "feature_layer", "prepool_layer"):
+            for key in ("checkpoint_sha256", "preprocessing", "backbone", "feature_layer", "prepool_layer", "precision"):
                 if cache.attrs.get(key) != first.attrs.get(key):
                     raise FeatcacheError(f"{cache.path}: {key} differs from {first.path}; not shards of one extraction")
             if not (np.array_equal(cache.head_weight, first.head_weight) and np.array_equal(cache.head_bias, first.head_bias)):
                 raise FeatcacheError(f"{cache.path}: head differs from {first.path}; not shards of one extraction")
             if cache.split_names != first.split_names:
                 raise FeatcacheError(f"{cache.path}: splits differ from {first.path}")
+            for name in first.split_names:
+                # whether chan_mean was stored as the features (autocast stores the means since 2026-12-05):
+                # shards that differ would join two kinds of rows no single run writes
+                mine, theirs = (bool(c.split(name).attrs.get("chan_mean_is_features")) for c in (cache, first))
+                if mine != theirs:
+                    raise FeatcacheError(f"{cache.path}: split {name!r} stores chan_mean {'as' if mine else 'apart from'} "
+                                         f"the features, {first.path} {'as' if theirs else 'apart from'} them; "
+                                         "not shards of one extraction (extract them again with one featcache)")
         writer = CacheWriter(target, overwrite=overwrite)
         try:
             root = {k: v for k, v in first.attrs.items() if k not in OWN_ROOT_ATTRS}

@@ -82,6 +82,27 @@ def test_convert_both_ways_without_loss(random_digits, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
+def test_convert_starts_again_a_partial_left_by_a_copy_of_another_cache(random_digits, tmp_path):
+    # an interrupted convert of cache A leaves t.h5.partial; converting cache B to t.h5 must copy B,
+    # not finish A's partial with B's remaining rows
+    a = copy(random_digits["h5"], tmp_path, "a.h5")
+    b = copy(random_digits["h5"], tmp_path, "b.h5")
+    with h5py.File(b, "r+") as fh:
+        fh["splits/digits_id_train/logits"][0] += np.float32(1.0)  # a split the partial holds complete
+    restamp(b)
+    target = tmp_path / "t.h5"
+    main(["convert", str(a), str(target)])
+    partial = tmp_path / "t.h5.partial"
+    target.rename(partial)
+    with h5py.File(partial, "r+") as fh:  # as a kill during the copy of a split leaves it
+        fh.attrs["fingerprint"] = ""
+        fh["splits/photos"].attrs["complete"] = False
+    main(["convert", str(b), str(target)])
+    main(["convert", str(b), str(tmp_path / "direct.h5")])
+    same_cache(tmp_path / "direct.h5", target)
+    assert featcache.open_cache(target).fingerprint == featcache.open_cache(b).fingerprint
+
+
 def test_sharded_extraction_merged_equals_one_run(random_digits, tmp_path):
     pipeline = load_pipeline(random_digits["pipeline"])
     shards = [extract(pipeline, out=tmp_path / f"s{i}.h5", progress=False, shard=(i, 3), batch_size=64)

@@ -57,7 +57,8 @@ def convert(source, target, *, overwrite: bool = False) -> Path:
         writer = CacheWriter(target, overwrite=overwrite)
         try:
             root = {k: v for k, v in cache.attrs.items() if k not in OWN_ROOT_ATTRS}
-            writer.open(root, cache.head_weight, cache.head_bias)
+            # a partial left by a copy of another cache is started again, not finished with this one's rows
+            writer.open(root, cache.head_weight, cache.head_bias, resume_key={"copy of": cache.fingerprint})
             for split in splits:
                 _write_split(writer, split.name, split.attrs, [(split, slice(None))], _dims(cache, split))
             return writer.finish()
@@ -110,7 +111,8 @@ def merge(shards, target, *, overwrite: bool = False) -> Path:
         writer = CacheWriter(target, overwrite=overwrite)
         try:
             root = {k: v for k, v in first.attrs.items() if k not in OWN_ROOT_ATTRS}
-            writer.open(root, first.head_weight, first.head_bias)
+            writer.open(root, first.head_weight, first.head_bias,
+                        resume_key={"merge of": [cache.fingerprint for _, _, cache in info]})
             for name in first.split_names:
                 parts = [(cache.split(name), slice(None)) for _, _, cache in info]
                 total = parts[0][0].attrs.get("total_n")

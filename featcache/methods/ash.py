@@ -164,32 +164,21 @@ def first_true(flags: np.ndarray, need: np.ndarray) -> np.ndarray:
 
 def _first_set(packed: np.ndarray, need: np.ndarray) -> np.ndarray:
     """`first_true` of packed rows, packed: the 64-bit word holding each row's need-th set bit is found
-    from the words' running counts, the byte inside it from its bytes' counts, the bit inside that
-    from a table; every word before it is kept whole."""
+    from the words' running counts (a count is the same in either byte order), then that word's bits
+    are kept as `_first_set_bytes` keeps them; every word before it is kept whole."""
     rows, n_bytes = packed.shape
-    if n_bytes % 8 or not hasattr(np, "bitwise_count"):  # numpy 1 counts the bits of bytes only
+    if not n_bytes or n_bytes % 8 or not hasattr(np, "bitwise_count"):  # numpy 1 counts the bits of bytes only
         return _first_set_bytes(packed, need)
     n_words = n_bytes // 8
-    # read big-endian, column 64w + s is bit 63 - s of word w (np.packbits puts column 8j + t in bit 7 - t)
-    words = packed.view(">u8").astype(np.uint64)
-    running = np.cumsum(_popcount(words), axis=1, dtype=np.int32)
-    word = np.count_nonzero(running < need[:, None], axis=1)  # n_words when the row has fewer
-    inside = np.minimum(word, n_words - 1)
+    running = np.cumsum(np.bitwise_count(packed.view(np.uint64)), axis=1, dtype=np.int32)
+    # the last word when the row has fewer: all of its set bits are kept then
+    word = np.minimum(np.count_nonzero(running < need[:, None], axis=1), n_words - 1)
     at = np.arange(rows)
     before = np.where(word > 0, running[at, np.maximum(word - 1, 0)], 0)
-    word_bytes = packed.reshape(rows, n_words, 8)[at, inside]
-    byte_running = np.cumsum(_popcount(word_bytes), axis=1, dtype=np.int32) + before[:, None]
-    byte = np.minimum(np.count_nonzero(byte_running < need[:, None], axis=1), 7)
-    before = np.where(byte > 0, byte_running[at, np.maximum(byte - 1, 0)], before)
-    column = byte * 8 + _NTH_SET[word_bytes[at, byte], np.clip(need - before, 0, 8)]  # of the need-th set bit
-    every = np.uint64(0xFFFFFFFFFFFFFFFF)
-    keep = np.where(np.arange(n_words) < inside[:, None], every, np.uint64(0))
-    # the word's bits for its columns up to that one (a column of 8 or more: fewer set bits than need)
-    keep[at, inside] = np.where(column < 64, ~((np.uint64(1) << (63 - np.minimum(column, 63)).astype(np.uint64))
-                                              - np.uint64(1)), 0)
-    keep[need <= 0] = 0
-    keep[word >= n_words] = every
-    return (words & keep).astype(">u8").view(np.uint8).reshape(rows, n_bytes)
+    keep = np.where(np.arange(n_words) < word[:, None], np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64(0))
+    keep = keep.view(np.uint8).reshape(rows, n_words, 8)
+    keep[at, word] = _first_set_bytes(packed.reshape(rows, n_words, 8)[at, word], need - before)
+    return packed & keep.reshape(rows, n_bytes)
 
 
 def _first_set_bytes(packed: np.ndarray, need: np.ndarray) -> np.ndarray:

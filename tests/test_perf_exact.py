@@ -83,17 +83,20 @@ def test_react_ash_blocks_equal_the_whole_array_formula(setup, clip):
     whole clipped array (clip, sort it, prune, then the head), the way it was computed before. Low
     clips tie most rows' k-th values at c (capped blocks), others tie some rows."""
     from featcache.methods.ash import ash_b_fill, ash_prune, sharpen_scale
+    from featcache.methods.sparse import worth_sparse
 
     head, fit, fresh = setup
     data = fresh()
     x = np.minimum(data.features, np.float32(clip))
     for p in (0, 50, 80, 99):
         pruned, mask, k = ash_prune(x, p)
+        sparse = worth_sparse(k, x.shape[1])  # p = 99 keeps 1%: the float32 head multiplies those only
         expected = {
-            "react+ash_p": head.energy(pruned),
-            "react+ash_b": head.energy(mask, row_scale=ash_b_fill(x, k)),
+            "react+ash_p": head.energy(pruned, sparse_rows=sparse),
+            "react+ash_b": head.energy(mask, row_scale=ash_b_fill(x, k), sparse_rows=sparse),
             "react+ash_s": head.energy(pruned, row_scale=sharpen_scale(x.sum(axis=1, dtype=np.float64),
-                                                                       pruned.sum(axis=1, dtype=np.float64))),
+                                                                       pruned.sum(axis=1, dtype=np.float64)),
+                                       sparse_rows=sparse),
         }
         for name, (scores, predictions) in expected.items():
             method = get_method(name)
@@ -221,9 +224,9 @@ def test_a_batch_multiplies_once_per_distinct_shaped_feature(setup, monkeypatch)
     calls = []
     original = Head.job  # one head product each, whether run alone or with others in one queue
 
-    def counting(self, x, row_scales=(None,)):
+    def counting(self, x, row_scales=(None,), **kwargs):
         calls.append(len(row_scales))
-        return original(self, x, row_scales)
+        return original(self, x, row_scales, **kwargs)
 
     monkeypatch.setattr(Head, "job", counting)
     scored(setup, CONFIGS, True)
@@ -622,9 +625,9 @@ def test_a_resumed_batch_multiplies_only_for_what_its_progress_store_lacks(rando
     products = []
     original = Head.job
 
-    def counting(self, x, row_scales=(None,)):
+    def counting(self, x, row_scales=(None,), **kwargs):
         products.append(1)
-        return original(self, x, row_scales)
+        return original(self, x, row_scales, **kwargs)
 
     monkeypatch.setattr(Head, "job", counting)
     resumed = Store(kept)

@@ -32,6 +32,7 @@ import numpy as np
 from featcache.methods.data import Output, made_together
 from featcache.methods.kernels import map_row_blocks, row_reduce
 from featcache.methods.registry import register
+from featcache.methods.sparse import worth_sparse
 
 # ASH appendix D: "Notes on ImageNet results (Table 2)" and "Notes on CIFAR results (Table 3, Table A2,
 # Table A3)", the p each variant "is implemented with".
@@ -311,7 +312,7 @@ def pruned_job(data, head, p, variants):
     k = keep_count(data.features.shape[1], p)
     scales = [sharpen_scale(feature_sums(data), top_k_sums(data, k)) if v == "ash_s" else None for v in variants]
     rows, _, _ = pruned_blocks(data, p, zero_ties=False)
-    return head.job(rows, scales)
+    return head.job(rows, scales, sparse_rows=worth_sparse(k, data.features.shape[1]))
 
 
 @register("ash_p", defaults={"p": 60}, paper=ash_paper("ash_p"))
@@ -324,7 +325,8 @@ def ash_b(data, head, fit, p):
     def job(q, _variants):
         # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
         _, mask, k = pruned_blocks(data, q, zero_ties=True)
-        return head.job(mask, [feature_sums(data) / k if k else np.zeros(len(data.features))])
+        return head.job(mask, [feature_sums(data) / k if k else np.zeros(len(data.features))],
+                        sparse_rows=worth_sparse(k, data.features.shape[1]))
 
     planned = [(params["p"], "ash_b") for params in data.planned({"ash_b"})]
     return made_together(data, head, "ash_b", p, "ash_b", planned, job, len(data.features))

@@ -16,6 +16,7 @@ import numpy as np
 from featcache.allocator import faulted_empty
 from featcache.errors import FeatcacheError
 from featcache.methods.kernels import energy, energy_blocks_shared, n_lse_blocks
+from featcache.methods import sparse
 
 
 PRECISE_HEAD_WEIGHTS = 1 << 18  # heads up to this many weights (CIFAR-size) replay in float64
@@ -37,33 +38,60 @@ class Head:
         """Logits of (N, D) features: x @ W.T + b, the product in float32 as the model computes it."""
         return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
 
-    def energy(self, x, row_scale: np.ndarray | None = None, T: float = 1.0, n: int | None = None):
+    def energy(self, x, row_scale: np.ndarray | None = None, T: float = 1.0, n: int | None = None,
+               sparse_rows: bool = False):
         """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
 
         `x` is an (N, D) array, or a function (start, stop) -> the shaped rows start:stop, so that
-        shaping too runs a block at a time. One product per block (float32 unless `precise`); the
-        scaling, bias and logsumexp in float64.
+        shaping too runs a block at a time. One product per block (float32 unless `precise`; over
+        the nonzero entries only with `sparse_rows`, see `job`); the scaling, bias and logsumexp in
+        float64.
         """
-        return self.energies(x, [row_scale], T, n)[0]
+        return self.energies(x, [row_scale], T, n, sparse_rows)[0]
 
-    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None) -> list:
+    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None, sparse_rows: bool = False) -> list:
         """`energy` for each of `row_scales` (arrays or None) from one product of `x` with the head.
 
         The head is linear, (r x) W^T + b = r (x W^T) + b, so configurations that differ only by a
         per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
         gets the very numbers `energy` gives it alone.
         """
-        return energy_blocks_shared([self.job(x, row_scales)], len(x) if n is None else n, T)[0]
+        return energy_blocks_shared([self.job(x, row_scales, sparse_rows)], len(x) if n is None else n, T)[0]
 
-    def job(self, x, row_scales: list = (None,)) -> tuple[Callable, list]:
+    @cached_property
+    def _sparse_weight(self):
+        """The weight's nonzeros as `sparse.sparse_weight`, where a float32 head keeps few (DICE at a
+        high p), else None."""
+        if self.precise or not sparse.worth_sparse(np.count_nonzero(self.weight), self.weight.size):
+            return None
+        return sparse.sparse_weight(self.weight)
+
+    @cached_property
+    def _weight_t_float32(self):
+        """W.T as a C-contiguous float32 array, made once: the sparse product walks its rows."""
+        return np.ascontiguousarray(self.weight.T, dtype=np.float32)
+
+    def job(self, x, row_scales: list = (None,), sparse_rows: bool = False) -> tuple[Callable, list]:
         """(product, finishes) of `energies(x, row_scales)`, for `kernels.energy_blocks_shared` to run
-        along with other features' and heads' jobs in one queue."""
+        along with other features' and heads' jobs in one queue. `sparse_rows`: x's rows keep few
+        nonzeros (`sparse.worth_sparse`), and a float32 head multiplies only those."""
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight has the dtype already
 
-        def product(start, stop):
-            return np.asarray(rows(start, stop), dtype=dtype) @ weight_t
+        if self._sparse_weight is not None:
+            weight_csr = self._sparse_weight
+
+            def product(start, stop):
+                return sparse.sparse_weight_product(rows(start, stop), weight_csr)
+        elif sparse_rows and not self.precise:
+            weight_t32 = self._weight_t_float32
+
+            def product(start, stop):
+                return sparse.sparse_rows_product(rows(start, stop), weight_t32)
+        else:
+            def product(start, stop):
+                return np.asarray(rows(start, stop), dtype=dtype) @ weight_t
 
         bias = self.bias.astype(np.float64)
 

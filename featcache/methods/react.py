@@ -22,6 +22,7 @@ from featcache.methods.kernels import clip_above
 from featcache.methods.rg import shared_clipped_sum
 from featcache.errors import FeatcacheError
 from featcache.methods.registry import every_benchmark, register
+from featcache.methods.sparse import worth_sparse
 
 
 def react_features(x: np.ndarray, c: float) -> np.ndarray:
@@ -151,7 +152,7 @@ def clipped_pruned_job(data, head, cp, variants):
             r[start:stop] = sharpen_scale(s1[start:stop], s2)
             return block
 
-    return head.job(shaped, scales)
+    return head.job(shaped, scales, sparse_rows=worth_sparse(k, data.features.shape[1]))
 
 
 @register("react+ash_p", defaults={"p": 60, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
@@ -164,7 +165,8 @@ def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
     def job(cp, _variants):
         _, mask, k, _ = clipped_blocks(data, *cp)
-        return head.job(mask, [shared_clipped_sum(data, cp[0]) / k if k else np.zeros(len(data.features))])
+        return head.job(mask, [shared_clipped_sum(data, cp[0]) / k if k else np.zeros(len(data.features))],
+                        sparse_rows=worth_sparse(k, data.features.shape[1]))
 
     planned = [((planned_clip(fit, params, data), params["p"]), "react+ash_b") for params in data.planned({"react+ash_b"})]
     c = clip_value(fit, clip, percentile, percentile_of, data)

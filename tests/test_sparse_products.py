@@ -1,0 +1,170 @@
+"""Issue 16: head products of mostly-zero operands multiply only their nonzero terms.
+
+ASH at a high p keeps few entries per row, DICE at a high p few weights: their float32 products sum
+only the nonzero terms, in another order than BLAS's dense product. Checked against float64
+references (the standard bound of a float32 sum of m terms), and the choice of path against the
+rule: float32 heads only, by the operand's share of nonzeros, whatever the grid.
+"""
+
+import numpy as np
+import pytest
+
+from featcache.methods import Fit, Head, SplitData, get_method
+from featcache.methods import sparse as sparse_module
+from featcache.methods.ash import keep_count
+from featcache.methods.data import PRECISE_HEAD_WEIGHTS
+from featcache.methods.sparse import (SPARSE_MAX_DENSITY, csr_rows, sparse_rows_product, sparse_weight,
+                                      sparse_weight_product, worth_sparse)
+
+U = 2.0**-24  # float32's unit roundoff
+
+
+def gamma(m):
+    """gamma_m = m u / (1 - m u): the relative bound of a float32 sum of m products, in any order."""
+    m = np.asarray(m, dtype=np.float64)
+    return m * U / (1 - m * U)
+
+
+def mostly_zero(rng, n, d, density, dtype=np.float32):
+    x = rng.normal(0.0, 1.0, size=(n, d)).astype(dtype)
+    x[rng.random((n, d)) >= density] = 0
+    return x
+
+
+def test_csr_rows_hold_exactly_the_nonzero_entries():
+    rng = np.random.default_rng(0)
+    x = mostly_zero(rng, 37, 50, 0.1)
+    x[0] = 0  # a row without a nonzero
+    x[1, :] = 3.0  # a full row
+    x[2, 5] = np.nan  # NaN is kept, as the dense product would multiply it
+    x[3, 7] = -0.0  # a negative zero adds nothing: dropped
+    csr = csr_rows(x)
+    assert csr.dtype == np.float32 and csr.shape == x.shape
+    np.testing.assert_array_equal(csr.toarray(), x)
+    assert csr.nnz == np.count_nonzero(x)
+    np.testing.assert_array_equal(np.diff(csr.indptr), np.count_nonzero(x, axis=1))
+    for row in range(len(x)):  # each row's columns ascending
+        columns = csr.indices[csr.indptr[row] : csr.indptr[row + 1]]
+        np.testing.assert_array_equal(columns, np.flatnonzero(x[row]))
+    mask = x > 0.5
+    np.testing.assert_array_equal(csr_rows(mask).toarray(), mask.astype(np.float32))
+    for empty in (np.zeros((0, 8), np.float32), np.zeros((4, 8), np.float32), np.zeros((3, 0), bool)):
+        np.testing.assert_array_equal(csr_rows(empty).toarray(), empty)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.15])
+def test_sparse_rows_product_is_within_the_float32_bound_of_the_float64_product(density):
+    rng = np.random.default_rng(1)
+    # 600 columns: two pieces of 256 and one of 88
+    x, w = mostly_zero(rng, 300, 600, density), rng.normal(0, 0.1, size=(200, 600)).astype(np.float32)
+    x[:, :3] *= 1e3  # a few large terms: cancellation is where an order shows
+    out = sparse_rows_product(x, np.ascontiguousarray(w.T))
+    assert out.dtype == np.float32 and out.shape == (300, 200)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64)
+    m = np.count_nonzero(x, axis=1)[:, None]  # terms summed per logit
+    assert (np.abs(out - exact) <= gamma(m) * magnitude).all()
+
+
+@pytest.mark.parametrize("density", [0.02, 0.1])
+def test_sparse_weight_product_is_within_the_float32_bound_of_the_float64_product(density):
+    rng = np.random.default_rng(2)
+    x, w = rng.normal(size=(300, 600)).astype(np.float32), mostly_zero(rng, 200, 600, density)
+    w[0] = 0  # a class with no weight left: its logit is the bias alone
+    out = sparse_weight_product(x, sparse_weight(w))
+    assert out.dtype == np.float32 and out.shape == (300, 200) and out.flags.c_contiguous
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    magnitude = np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64)
+    m = np.count_nonzero(w, axis=1)[None, :]
+    assert (np.abs(out - exact) <= gamma(m) * magnitude).all()
+    assert (out[:, 0] == 0).all()
+
+
+def test_worth_sparse_is_the_share_of_kept_entries():
+    assert worth_sparse(0, 2048) and worth_sparse(int(SPARSE_MAX_DENSITY * 2048), 2048)
+    assert not worth_sparse(int(SPARSE_MAX_DENSITY * 2048) + 1, 2048)
+    d = 2048  # ImageNet's ResNet-50: ASH at p >= 88 multiplies sparsely, below densely
+    ps = (60, 80, 85, 87, 88, 90, 95, 99)  # k = 819, 410, 307, 266, 246, 205, 102, 20
+    assert [worth_sparse(keep_count(d, p), d) for p in ps] == [False] * 4 + [True] * 4
+
+
+# --- through the methods: which products go sparse, and the numbers they give --------------------------
+
+
+def replay_split(rng, n, d, w, b, name):
+    x = np.maximum(rng.normal(0.2, 1.0, size=(n, d)), 0).astype(np.float32)
+    return SplitData(name, features=x, chan_max=x + 1, chan_mean=x, logits=(x @ w.T + b).astype(np.float32),
+                     labels=np.zeros(n, dtype=np.int64), ids=np.array([f"{name}/{i}" for i in range(n)]))
+
+
+@pytest.fixture(params=["float32", "precise"])
+def head_and_splits(request):
+    rng = np.random.default_rng(4)
+    k, d = (520, 512) if request.param == "float32" else (10, 64)
+    assert (k * d > PRECISE_HEAD_WEIGHTS) == (request.param == "float32")
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = rng.normal(0, 0.1, size=k).astype(np.float32)
+    return Head(w, b), Fit(replay_split(rng, 300, d, w, b, "train")), replay_split(rng, 2100, d, w, b, "test")
+
+
+def energy64(logits):
+    top = logits.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+
+
+def ash_reference(x, p, variant):
+    """ASH on float64 copies, brute force: the k largest of each row by a stable sort (lowest index
+    first among equal values), then the variant's values."""
+    x = x.astype(np.float64)
+    k = keep_count(x.shape[1], p)
+    order = np.argsort(-x, axis=1, kind="stable")[:, :k]
+    mask = np.zeros(x.shape, bool)
+    np.put_along_axis(mask, order, True, axis=1)
+    pruned = np.where(mask, x, 0.0)
+    s1, s2 = x.sum(axis=1), pruned.sum(axis=1)
+    if variant == "ash_p":
+        return pruned
+    if variant == "ash_b":
+        return mask * (s1 / k)[:, None]
+    return pruned * np.exp(s1 / np.where(s2 == 0, 1, s2))[:, None]
+
+
+@pytest.mark.parametrize("variant", ["ash_p", "ash_s", "ash_b"])
+@pytest.mark.parametrize("p", [88, 90, 97])  # k of 512: 61, 51, 15
+def test_ash_at_a_high_p_matches_the_float64_formula(head_and_splits, variant, p, monkeypatch):
+    head, fit, data = head_and_splits
+    calls = []
+    original = sparse_module.sparse_rows_product
+    monkeypatch.setattr(sparse_module, "sparse_rows_product", lambda *a: calls.append(1) or original(*a))
+    method = get_method(variant)
+    out = method(data, head, fit, **method.resolve({"p": p}))
+    # the float32 head multiplies the kept entries only (every block of rows); the small head in float64
+    assert len(calls) == (3 if not head.precise else 0)
+    logits = ash_reference(data.features, p, variant) @ head.weight.T.astype(np.float64) + head.bias
+    np.testing.assert_allclose(out.scores, energy64(logits), rtol=2e-6, atol=1e-5)
+    clear = np.sort(logits, axis=1)[:, -1] - np.sort(logits, axis=1)[:, -2] > 1e-4
+    np.testing.assert_array_equal(out.predictions[clear], logits.argmax(axis=1)[clear])
+
+
+@pytest.mark.parametrize("p", [88, 95])
+def test_dice_at_a_high_p_matches_the_float64_formula(head_and_splits, p, monkeypatch):
+    head, fit, data = head_and_splits
+    calls = []
+    original = sparse_module.sparse_weight_product
+    monkeypatch.setattr(sparse_module, "sparse_weight_product", lambda *a: calls.append(1) or original(*a))
+    out = get_method("dice")(data, head, fit, p=p)
+    assert len(calls) == (3 if not head.precise else 0)
+    mean = fit.data.features.astype(np.float64).mean(axis=0)
+    contrib = mean[None, :] * head.weight.astype(np.float64)
+    kept = np.where(contrib > np.percentile(contrib, p), head.weight.astype(np.float64), 0.0)
+    logits = data.features.astype(np.float64) @ kept.T + head.bias
+    np.testing.assert_allclose(out.scores, energy64(logits), rtol=2e-6, atol=1e-5)
+
+
+def test_a_dense_float32_product_stays_dense(head_and_splits, monkeypatch):
+    """ASH at p = 60 keeps 40% of each row, the replay's head all its weights: BLAS's dense product."""
+    head, fit, data = head_and_splits
+    monkeypatch.setattr(sparse_module, "csr_rows", lambda block: pytest.fail("a dense operand went sparse"))
+    for name, params in (("ash_p", {"p": 60}), ("ash_b", {"p": 80}), ("dice", {"p": 50}), ("react", {"percentile": 90})):
+        method = get_method(name)
+        method(data, head, fit, **method.resolve(params))

@@ -168,3 +168,22 @@ def test_a_dense_float32_product_stays_dense(head_and_splits, monkeypatch):
     for name, params in (("ash_p", {"p": 60}), ("ash_b", {"p": 80}), ("dice", {"p": 50}), ("react", {"percentile": 90})):
         method = get_method(name)
         method(data, head, fit, **method.resolve(params))
+
+
+def test_a_head_changed_in_place_multiplies_by_its_new_weights():
+    """A plugin's own head may be changed in place between calls: its sparse form is made again at
+    each call, not kept from the first; a read-only head's (the replay's, DICE's memoised) is kept."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(50, 600)).astype(np.float32)
+    w = mostly_zero(rng, 500, 600, 0.05)  # 300,000 weights: float32, and sparse
+    head = Head(w, np.zeros(500, np.float32))
+    assert not head.precise
+    for _ in range(2):
+        scores, _ = head.energy(x)
+        np.testing.assert_allclose(scores, energy64(x.astype(np.float64) @ w.T.astype(np.float64)), rtol=1e-6)
+        w[:, :300] = 0  # in place
+    frozen = Head(w.copy(), np.zeros(500, np.float32))
+    frozen.weight.setflags(write=False)
+    first, _ = frozen.energy(x)
+    assert frozen._weight_form("sparse", lambda: pytest.fail("made again")) is not None
+    np.testing.assert_array_equal(frozen.energy(x)[0], first)

@@ -58,18 +58,30 @@ class Head:
         """
         return energy_blocks_shared([self.job(x, row_scales, sparse_rows)], len(x) if n is None else n, T)[0]
 
-    @cached_property
+    def _weight_form(self, name: str, make: Callable):
+        """make(), a form of the weight: made once where the weight cannot change (read-only and not a
+        view of a writable array, as the replay's head and DICE's memoised heads are), else at each
+        call, since a plugin's own head may be changed in place between calls."""
+        weight = self.weight
+        if weight.flags.writeable or (isinstance(weight.base, np.ndarray) and weight.base.flags.writeable):
+            return make()
+        forms = self.__dict__.setdefault("_weight_forms", {})
+        if name not in forms:
+            forms[name] = make()
+        return forms[name]
+
     def _sparse_weight(self):
         """The weight's nonzeros as `sparse.sparse_weight`, where a float32 head keeps few (DICE at a
         high p), else None."""
-        if self.precise or not sparse.worth_sparse(np.count_nonzero(self.weight), self.weight.size):
-            return None
-        return sparse.sparse_weight(self.weight)
+        def make():
+            if self.precise or not sparse.worth_sparse(np.count_nonzero(self.weight), self.weight.size):
+                return None
+            return sparse.sparse_weight(self.weight)
+        return self._weight_form("sparse", make)
 
-    @cached_property
     def _weight_t_float32(self):
-        """W.T as a C-contiguous float32 array, made once: the sparse product walks its rows."""
-        return np.ascontiguousarray(self.weight.T, dtype=np.float32)
+        """W.T as a C-contiguous float32 array: the sparse product walks its rows."""
+        return self._weight_form("transposed", lambda: np.ascontiguousarray(self.weight.T, dtype=np.float32))
 
     def job(self, x, row_scales: list = (None,), sparse_rows: bool = False) -> tuple[Callable, list]:
         """(product, finishes) of `energies(x, row_scales)`, for `kernels.energy_blocks_shared` to run
@@ -79,13 +91,13 @@ class Head:
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight has the dtype already
 
-        if self._sparse_weight is not None:
-            weight_csr = self._sparse_weight
+        weight_csr = self._sparse_weight()
+        if weight_csr is not None:
 
             def product(start, stop):
                 return sparse.sparse_weight_product(rows(start, stop), weight_csr)
         elif sparse_rows and not self.precise:
-            weight_t32 = self._weight_t_float32
+            weight_t32 = self._weight_t_float32()
 
             def product(start, stop):
                 return sparse.sparse_rows_product(rows(start, stop), weight_t32)

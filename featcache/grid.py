@@ -134,7 +134,8 @@ def floor_products(configs) -> int:
     -------
     int
         Distinct `product_key`s among them: one dense product of the evaluated samples per shaped
-        feature (or per head), whatever the number of configurations sharing it.
+        feature (or per head), whatever the number of configurations sharing it. A product whose
+        operand is mostly zeros (`featcache.methods.sparse`) counts as one here though it costs less.
     """
     keys = {product_key(getattr(m, "name", m), params) for m, params in configs}
     keys.discard(None)

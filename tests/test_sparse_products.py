@@ -71,7 +71,7 @@ def test_sparse_weight_product_is_within_the_float32_bound_of_the_float64_produc
     rng = np.random.default_rng(2)
     x, w = rng.normal(size=(300, 600)).astype(np.float32), mostly_zero(rng, 200, 600, density)
     w[0] = 0  # a class with no weight left: its logit is the bias alone
-    out = sparse_weight_product(x, sparse_weight(w))
+    out = sparse_weight_product(x, sparse_weight(w), w.T)
     assert out.dtype == np.float32 and out.shape == (300, 200) and out.flags.c_contiguous
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
     magnitude = np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64)
@@ -179,11 +179,104 @@ def test_a_head_changed_in_place_multiplies_by_its_new_weights():
     head = Head(w, np.zeros(500, np.float32))
     assert not head.precise
     for _ in range(2):
-        scores, _ = head.energy(x)
+        scores, _ = head.energy(x, sparse_weights=True)
         np.testing.assert_allclose(scores, energy64(x.astype(np.float64) @ w.T.astype(np.float64)), rtol=1e-6)
         w[:, :300] = 0  # in place
     frozen = Head(w.copy(), np.zeros(500, np.float32))
     frozen.weight.setflags(write=False)
-    first, _ = frozen.energy(x)
+    first, _ = frozen.energy(x, sparse_weights=True)
     assert frozen._weight_form("sparse", lambda: pytest.fail("made again")) is not None
-    np.testing.assert_array_equal(frozen.energy(x)[0], first)
+    np.testing.assert_array_equal(frozen.energy(x, sparse_weights=True)[0], first)
+
+
+def test_forms_of_a_read_only_head_follow_its_weight_when_it_is_given_another():
+    """A read-only head keeps its weight's sparse forms; given another array (or copied, then given
+    another), it multiplies by the new one, as a fresh head does."""
+    import copy
+
+    rng = np.random.default_rng(7)
+    data_x = np.maximum(rng.normal(0.2, 1.0, size=(40, 600)), 0).astype(np.float32)
+    first, second = (rng.normal(0, 0.1, size=(500, 600)).astype(np.float32) for _ in range(2))
+    for w in (first, second):
+        w.setflags(write=False)
+    head = Head(first, np.zeros(500, np.float32))
+    keep = keep_count(600, 95)
+    pruned = ash_reference(data_x, 95, "ash_p").astype(np.float32)
+    assert worth_sparse(keep, 600)
+    head.energy(pruned, sparse_rows=True)
+    twin = copy.copy(head)
+    for h in (head, twin):
+        h.weight = second
+        np.testing.assert_array_equal(h.energy(pruned, sparse_rows=True)[0],
+                                      Head(second, h.bias).energy(pruned, sparse_rows=True)[0])
+        assert not np.array_equal(h.energy(pruned, sparse_rows=True)[0],
+                                  Head(first, h.bias).energy(pruned, sparse_rows=True)[0])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_dice_keeps_the_nan_of_a_non_finite_feature_in_a_pruned_column():
+    """The dense product makes 0 * inf = NaN where DICE zeroed a column's weights; the sparse one,
+    which skips those weights, gives such rows the dense product's logits (the scores' NaNs then
+    fall where the dense product's fall), and every row of a block without them keeps its numbers."""
+    from featcache.methods.dice import dice_head
+
+    rng = np.random.default_rng(8)
+    k, d = 520, 512
+    w = rng.normal(0, 0.1, size=(k, d)).astype(np.float32)
+    b = np.zeros(k, np.float32)
+    train = replay_split(rng, 300, d, w, b, "train")
+    train.features[:, 7] = 0.0  # a dead channel: its mean is 0, so DICE keeps none of its weights
+    fit, head = Fit(train), Head(w, b)
+    dense_head = dice_head(head, fit.mean_feature, 90)
+    assert (dense_head.weight[:, 7] == 0).all() and sparse_module.worth_sparse(np.count_nonzero(dense_head.weight), w.size)
+    clean = get_method("dice")(replay_split(np.random.default_rng(9), 1500, d, w, b, "test"), head, fit, p=90).scores
+    assert np.isfinite(clean).all()
+    for bad in (np.inf, -np.inf, np.nan):
+        broken = replay_split(np.random.default_rng(9), 1500, d, w, b, "test")
+        broken.features[[3, 1200], 7] = bad
+        scores = get_method("dice")(broken, head, fit, p=90).scores
+        dense = dense_head.energy(broken.features)[0]  # the dense product, as before the sparse one
+        assert np.isnan(scores[[3, 1200]]).all()
+        np.testing.assert_array_equal(np.isnan(scores), np.isnan(dense))
+        np.testing.assert_array_equal(scores[1024:1152], clean[1024:1152])  # rows in no block with them
+        np.testing.assert_array_equal(scores[128:1024], clean[128:1024])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_a_head_with_a_non_finite_weight_multiplies_densely(monkeypatch):
+    """Skipping zero features would drop 0 * inf = NaN: such a head never goes sparse."""
+    rng = np.random.default_rng(10)
+    w = rng.normal(0, 0.1, size=(520, 512)).astype(np.float32)
+    w[3, 5] = np.inf
+    head = Head(w, np.zeros(520, np.float32))
+    monkeypatch.setattr(sparse_module, "csr_rows", lambda block: pytest.fail("went sparse"))
+    x = ash_reference(np.maximum(rng.normal(size=(30, 512)), 0), 95, "ash_p").astype(np.float32)
+    scores, _ = head.energy(x, sparse_rows=True)
+    np.testing.assert_array_equal(scores, head.energy(x)[0])
+
+
+def test_only_dice_multiplies_by_a_head_s_nonzeros(monkeypatch):
+    """A pruned model's head (few nonzero weights) multiplies densely for every other method, so
+    their numbers do not depend on the head's sparsity."""
+    rng = np.random.default_rng(11)
+    k, d = 520, 512
+    w = mostly_zero(rng, k, d, 0.05)
+    b = np.zeros(k, np.float32)
+    head, fit, data = Head(w, b), Fit(replay_split(rng, 300, d, w, b, "train")), replay_split(rng, 500, d, w, b, "test")
+    calls = []
+    original = sparse_module.sparse_weight_product
+    monkeypatch.setattr(sparse_module, "sparse_weight_product", lambda *a: calls.append(1) or original(*a))
+    for name, params in (("react", {"percentile": 90}), ("ash_p", {"p": 60}), ("ash_rand", {"p": 65}), ("energy", {})):
+        method = get_method(name)
+        method(data, head, fit, **method.resolve(params))
+    assert calls == []
+    get_method("dice")(data, head, fit, p=50)  # DICE at 50% of a 5% head keeps under 5%
+    assert calls
+
+
+def test_methods_whose_numbers_changed_have_a_new_version():
+    """Progress saved before the sparse products must not be reused for them (featcache.progress
+    compares each method's version)."""
+    for name in ("ash_p", "ash_s", "ash_b", "react+ash_p", "react+ash_s", "react+ash_b", "dice"):
+        assert get_method(name).version == "2", name
+        assert get_method(f"nap+{name}").version != get_method(f"nap+{name}").version.replace("2", "1")

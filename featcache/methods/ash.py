@@ -315,12 +315,12 @@ def pruned_job(data, head, p, variants):
     return head.job(rows, scales, sparse_rows=worth_sparse(k, data.features.shape[1]))
 
 
-@register("ash_p", defaults={"p": 60}, paper=ash_paper("ash_p"))
+@register("ash_p", defaults={"p": 60}, paper=ash_paper("ash_p"), version=2)  # 2: sparse products at a high p
 def ash_p(data, head, fit, p):
     return pruned_output(data, head, p, "ash_p")
 
 
-@register("ash_b", defaults={"p": 65}, paper=ash_paper("ash_b"))
+@register("ash_b", defaults={"p": 65}, paper=ash_paper("ash_b"), version=2)
 def ash_b(data, head, fit, p):
     def job(q, _variants):
         # W (fill * mask) = fill * (W mask): the product of the 0/1 mask, scaled per sample
@@ -332,7 +332,7 @@ def ash_b(data, head, fit, p):
     return made_together(data, head, "ash_b", p, "ash_b", planned, job, len(data.features))
 
 
-@register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"))
+@register("ash_s", defaults={"p": 90}, paper=ash_paper("ash_s"), version=2)
 def ash_s(data, head, fit, p):
     return pruned_output(data, head, p, "ash_s")
 

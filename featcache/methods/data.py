@@ -39,64 +39,78 @@ class Head:
         return np.asarray(x, dtype=np.float32) @ self.weight.T + self.bias
 
     def energy(self, x, row_scale: np.ndarray | None = None, T: float = 1.0, n: int | None = None,
-               sparse_rows: bool = False):
+               sparse_rows: bool = False, sparse_weights: bool = False):
         """(energy, predicted class) of the logits r_n * (W x_n) + b, r_n = row_scale (1 if None).
 
         `x` is an (N, D) array, or a function (start, stop) -> the shaped rows start:stop, so that
         shaping too runs a block at a time. One product per block (float32 unless `precise`; over
-        the nonzero entries only with `sparse_rows`, see `job`); the scaling, bias and logsumexp in
-        float64.
+        the nonzero terms only with `sparse_rows` or `sparse_weights`, see `job`); the scaling, bias
+        and logsumexp in float64.
         """
-        return self.energies(x, [row_scale], T, n, sparse_rows)[0]
+        return self.energies(x, [row_scale], T, n, sparse_rows, sparse_weights)[0]
 
-    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None, sparse_rows: bool = False) -> list:
+    def energies(self, x, row_scales: list, T: float = 1.0, n: int | None = None, sparse_rows: bool = False,
+                 sparse_weights: bool = False) -> list:
         """`energy` for each of `row_scales` (arrays or None) from one product of `x` with the head.
 
         The head is linear, (r x) W^T + b = r (x W^T) + b, so configurations that differ only by a
         per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
         gets the very numbers `energy` gives it alone.
         """
-        return energy_blocks_shared([self.job(x, row_scales, sparse_rows)], len(x) if n is None else n, T)[0]
+        job = self.job(x, row_scales, sparse_rows, sparse_weights)
+        return energy_blocks_shared([job], len(x) if n is None else n, T)[0]
 
     def _weight_form(self, name: str, make: Callable):
-        """make(), a form of the weight: made once where the weight cannot change (read-only and not a
-        view of a writable array, as the replay's head and DICE's memoised heads are), else at each
-        call, since a plugin's own head may be changed in place between calls."""
+        """make(), a form of the weight (its nonzeros, its transpose in float32, whether it is finite):
+        kept with the head while the head holds the very same read-only array owning its memory (the
+        replay's head, DICE's memoised heads), else made at each call, since a plugin's own head may
+        be changed in place, or given another array, between calls."""
         weight = self.weight
-        if weight.flags.writeable or (isinstance(weight.base, np.ndarray) and weight.base.flags.writeable):
+        if weight.flags.writeable or weight.base is not None:
             return make()
-        forms = self.__dict__.setdefault("_weight_forms", {})
-        if name not in forms:
-            forms[name] = make()
-        return forms[name]
+        held = self.__dict__.get("_weight_forms")
+        if held is None or held[0] is not weight:
+            held = self.__dict__["_weight_forms"] = (weight, {})
+        if name not in held[1]:
+            held[1][name] = make()
+        return held[1][name]
+
+    def _sparse_ready(self) -> bool:
+        """Whether products with this head may skip zeros: float32 (not `precise`) and finite."""
+        return not self.precise and self._weight_form("finite", lambda: bool(np.isfinite(self.weight).all()))
 
     def _sparse_weight(self):
-        """The weight's nonzeros as `sparse.sparse_weight`, where a float32 head keeps few (DICE at a
-        high p), else None."""
+        """The weight's nonzeros as `sparse.sparse_weight`, where it keeps few (DICE at a high p), else None."""
         def make():
-            if self.precise or not sparse.worth_sparse(np.count_nonzero(self.weight), self.weight.size):
+            if not sparse.worth_sparse(np.count_nonzero(self.weight), self.weight.size):
                 return None
             return sparse.sparse_weight(self.weight)
-        return self._weight_form("sparse", make)
+        return self._weight_form("sparse", make) if self._sparse_ready() else None
 
     def _weight_t_float32(self):
         """W.T as a C-contiguous float32 array: the sparse product walks its rows."""
         return self._weight_form("transposed", lambda: np.ascontiguousarray(self.weight.T, dtype=np.float32))
 
-    def job(self, x, row_scales: list = (None,), sparse_rows: bool = False) -> tuple[Callable, list]:
+    def job(self, x, row_scales: list = (None,), sparse_rows: bool = False,
+            sparse_weights: bool = False) -> tuple[Callable, list]:
         """(product, finishes) of `energies(x, row_scales)`, for `kernels.energy_blocks_shared` to run
-        along with other features' and heads' jobs in one queue. `sparse_rows`: x's rows keep few
-        nonzeros (`sparse.worth_sparse`), and a float32 head multiplies only those."""
+        along with other features' and heads' jobs in one queue.
+
+        `sparse_rows`: x's rows keep few nonzeros (ASH's k, `sparse.worth_sparse`); `sparse_weights`:
+        the head may keep few weights (DICE's). A finite float32 head then multiplies only the
+        nonzero terms (`featcache.methods.sparse`). Other methods' products stay dense whatever the
+        zeros, so that their numbers do not change with a head's sparsity.
+        """
         rows = x if callable(x) else (lambda a, b: x[a:b])
         dtype = np.float64 if self.precise else np.float32
         weight_t = self.weight.T.astype(dtype, copy=False)  # a view when the weight has the dtype already
 
-        weight_csr = self._sparse_weight()
+        weight_csr = self._sparse_weight() if sparse_weights else None
         if weight_csr is not None:
 
             def product(start, stop):
-                return sparse.sparse_weight_product(rows(start, stop), weight_csr)
-        elif sparse_rows and not self.precise:
+                return sparse.sparse_weight_product(rows(start, stop), weight_csr, weight_t)
+        elif sparse_rows and self._sparse_ready():
             weight_t32 = self._weight_t_float32()
 
             def product(start, stop):

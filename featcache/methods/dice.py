@@ -32,7 +32,7 @@ def dice_heads(head: Head, mean_feature: np.ndarray, ps) -> list[Head]:
             for threshold in percentiles(contrib, ps)]
 
 
-@register("dice", defaults={"p": 90}, paper=DICE_PAPER)
+@register("dice", defaults={"p": 90}, paper=DICE_PAPER, version=2)  # 2: sparse products at a high p
 def dice(data, head, fit, p):
     planned = [params["p"] for params in data.planned({"dice"})]
 
@@ -44,4 +44,4 @@ def dice(data, head, fit, p):
 
     # and their products run in one queue
     return made_together(data, head, "dice", p, "dice", [(q, "dice") for q in planned],
-                         lambda q, _: sparse_head(q).job(data.features), len(data.features))
+                         lambda q, _: sparse_head(q).job(data.features, sparse_weights=True), len(data.features))

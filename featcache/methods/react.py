@@ -155,13 +155,15 @@ def clipped_pruned_job(data, head, cp, variants):
     return head.job(shaped, scales, sparse_rows=worth_sparse(k, data.features.shape[1]))
 
 
-@register("react+ash_p", defaults={"p": 60, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
+@register("react+ash_p", defaults={"p": 60, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
+          version=2)  # 2: sparse products at a high p
 def react_ash_p(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
     clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
     return clipped_pruned_output(data, head, fit, p, clip_params, "react+ash_p")
 
 
-@register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES)
+@register("react+ash_b", defaults={"p": 65, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
+          version=2)
 def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
     def job(cp, _variants):
         _, mask, k, _ = clipped_blocks(data, *cp)
@@ -174,7 +176,7 @@ def react_ash_b(data, head, fit, p, percentile=None, clip=None, percentile_of=No
 
 
 @register("react+ash_s", defaults={"p": 90, **CLIP}, one_of=CLIP_CHOICE, qualifies=QUALIFIES,
-          paper=every_benchmark({"p": 90, "clip": 1.0}))
+          paper=every_benchmark({"p": 90, "clip": 1.0}), version=2)
 def react_ash_s(data, head, fit, p, percentile=None, clip=None, percentile_of=None):
     clip_params = {"percentile": percentile, "clip": clip, "percentile_of": percentile_of}
     return clipped_pruned_output(data, head, fit, p, clip_params, "react+ash_s")

@@ -9,12 +9,13 @@ rule: float32 heads only, by the operand's share of nonzeros, whatever the grid.
 import numpy as np
 import pytest
 
-from featcache.methods import Fit, Head, SplitData, get_method
+from featcache.methods import Fit, Head, get_method
 from featcache.methods import sparse as sparse_module
 from featcache.methods.ash import keep_count
 from featcache.methods.data import PRECISE_HEAD_WEIGHTS
 from featcache.methods.sparse import (SPARSE_MAX_DENSITY, csr_rows, sparse_rows_product, sparse_weight,
                                       sparse_weight_product, worth_sparse)
+from test_perf_exact import split as replay_split  # ReLU features with exact ties, a zero row, a tied row
 
 U = 2.0**-24  # float32's unit roundoff
 
@@ -89,12 +90,6 @@ def test_worth_sparse_is_the_share_of_kept_entries():
 
 
 # --- through the methods: which products go sparse, and the numbers they give --------------------------
-
-
-def replay_split(rng, n, d, w, b, name):
-    x = np.maximum(rng.normal(0.2, 1.0, size=(n, d)), 0).astype(np.float32)
-    return SplitData(name, features=x, chan_max=x + 1, chan_mean=x, logits=(x @ w.T + b).astype(np.float32),
-                     labels=np.zeros(n, dtype=np.int64), ids=np.array([f"{name}/{i}" for i in range(n)]))
 
 
 @pytest.fixture(params=["float32", "precise"])

@@ -177,24 +177,27 @@ def test_a_head_changed_in_place_multiplies_by_its_new_weights():
         scores, _ = head.energy(x, sparse_weights=True)
         np.testing.assert_allclose(scores, energy64(x.astype(np.float64) @ w.T.astype(np.float64)), rtol=1e-6)
         w[:, :300] = 0  # in place
-    frozen = Head(w.copy(), np.zeros(500, np.float32))
-    frozen.weight.setflags(write=False)
+    from featcache.methods.data import read_only
+
+    frozen = read_only(Head(w.copy(), np.zeros(500, np.float32)))  # as the replay's head is made
     first, _ = frozen.energy(x, sparse_weights=True)
     assert frozen._weight_form("sparse", lambda: pytest.fail("made again")) is not None
     np.testing.assert_array_equal(frozen.energy(x, sparse_weights=True)[0], first)
 
 
 def test_forms_of_a_read_only_head_follow_its_weight_when_it_is_given_another():
-    """A read-only head keeps its weight's sparse forms; given another array (or copied, then given
-    another), it multiplies by the new one, as a fresh head does."""
+    """A head featcache made read-only keeps its weight's sparse forms; given another array (or
+    copied, then given another), it multiplies by the new one, as a fresh head does."""
     import copy
+
+    from featcache.methods.data import read_only
 
     rng = np.random.default_rng(7)
     data_x = np.maximum(rng.normal(0.2, 1.0, size=(40, 600)), 0).astype(np.float32)
     first, second = (rng.normal(0, 0.1, size=(500, 600)).astype(np.float32) for _ in range(2))
     for w in (first, second):
         w.setflags(write=False)
-    head = Head(first, np.zeros(500, np.float32))
+    head = read_only(Head(first, np.zeros(500, np.float32)))
     keep = keep_count(600, 95)
     pruned = ash_reference(data_x, 95, "ash_p").astype(np.float32)
     assert worth_sparse(keep, 600)
@@ -275,3 +278,54 @@ def test_methods_whose_numbers_changed_have_a_new_version():
     for name in ("ash_p", "ash_s", "ash_b", "react+ash_p", "react+ash_s", "react+ash_b", "dice"):
         assert get_method(name).version == "2", name
         assert get_method(f"nap+{name}").version != get_method(f"nap+{name}").version.replace("2", "1")
+
+
+def test_a_plugin_s_read_only_head_changed_through_a_view_multiplies_by_its_new_weights():
+    """Only heads featcache made read-only keep forms of their weight: a plugin's read-only array may
+    still change through a writable view taken before."""
+    rng = np.random.default_rng(12)
+    w = rng.normal(0, 0.1, size=(500, 600)).astype(np.float32)
+    view = w[:]
+    w.setflags(write=False)
+    head = Head(w, np.zeros(500, np.float32))
+    x = ash_reference(np.maximum(rng.normal(size=(30, 600)), 0), 95, "ash_p").astype(np.float32)
+    head.energy(x, sparse_rows=True)
+    view *= 3
+    np.testing.assert_array_equal(head.energy(x, sparse_rows=True)[0],
+                                  Head(w.copy(), head.bias).energy(x, sparse_rows=True)[0])
+
+
+def test_a_head_subclass_with_the_old_job_signature_still_gives_energies():
+    """Head.energy passes the sparse flags only when asked, so a plugin's subclass (or wrapper) of
+    `job` written before them keeps working for dense products."""
+    class Scaled(Head):
+        def job(self, x, row_scales=(None,)):
+            return super().job(x, row_scales)
+
+    rng = np.random.default_rng(13)
+    w = rng.normal(0, 0.1, size=(520, 512)).astype(np.float32)
+    x = rng.normal(size=(40, 512)).astype(np.float32)
+    scores, _ = Scaled(w, np.zeros(520, np.float32)).energy(x)
+    np.testing.assert_array_equal(scores, Head(w, np.zeros(520, np.float32)).energy(x)[0])
+
+
+def test_a_plugin_s_version_follows_the_built_ins_versions(monkeypatch):
+    """A plugin may call a built-in (get_method("ash_s")(...)): raising a built-in's version must
+    make a sweep score the plugin's configurations again too."""
+    import dataclasses
+
+    import featcache
+    from featcache.methods import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", dict(registry.REGISTRY))  # this test's registrations are undone
+
+    def wrapped_ash_s(data, head, fit, p):
+        return get_method("ash_s")(data, head, fit, p=p)
+
+    featcache.register("wrapped_ash_s_version_test", defaults={"p": 90})(wrapped_ash_s)
+    before = get_method("wrapped_ash_s_version_test").version
+    assert before.startswith("1+") and before.endswith("." + registry.builtin_versions_digest())
+    registry.REGISTRY["ash_s"] = dataclasses.replace(registry.REGISTRY["ash_s"], version="3")
+    del registry.REGISTRY["wrapped_ash_s_version_test"]
+    featcache.register("wrapped_ash_s_version_test", defaults={"p": 90})(wrapped_ash_s)
+    assert get_method("wrapped_ash_s_version_test").version != before

@@ -57,16 +57,20 @@ class Head:
         per-row scale of the same shaped feature (ASH-P and ASH-S at one p) share the product; each
         gets the very numbers `energy` gives it alone.
         """
-        job = self.job(x, row_scales, sparse_rows, sparse_weights)
+        # the flags only where asked: a plugin's Head subclass or wrapper of `job` written before
+        # them keeps working for dense products
+        flags = {name: True for name, on in (("sparse_rows", sparse_rows), ("sparse_weights", sparse_weights)) if on}
+        job = self.job(x, row_scales, **flags)
         return energy_blocks_shared([job], len(x) if n is None else n, T)[0]
 
     def _weight_form(self, name: str, make: Callable):
         """make(), a form of the weight (its nonzeros, its transpose in float32, whether it is finite):
-        kept with the head while the head holds the very same read-only array owning its memory (the
-        replay's head, DICE's memoised heads), else made at each call, since a plugin's own head may
-        be changed in place, or given another array, between calls."""
+        kept with a head that featcache made read-only (`read_only`: the replay's head, DICE's
+        memoised heads) while it holds the very same read-only array owning its memory, else made at
+        each call, since a plugin's own head may be changed in place (through any view), or given
+        another array, between calls."""
         weight = self.weight
-        if weight.flags.writeable or weight.base is not None:
+        if not self.__dict__.get("_sealed") or weight.flags.writeable or weight.base is not None:
             return make()
         held = self.__dict__.get("_weight_forms")
         if held is None or held[0] is not weight:
@@ -181,6 +185,9 @@ def read_only(value):
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for field in dataclasses.fields(value):
             read_only(getattr(value, field.name))
+        if isinstance(value, Head):
+            # its arrays can no longer change through it: forms of its weight may be kept (Head._weight_form)
+            value.__dict__["_sealed"] = True
     elif isinstance(value, (tuple, list)):
         for item in value:
             read_only(item)

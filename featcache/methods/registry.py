@@ -239,8 +239,9 @@ def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0
         revision = str(version)
         if origin != "featcache":
             # saved progress is reused only for the same code: an edited plugin whose version was
-            # not raised is recomputed all the same
-            revision += "+" + source_digest(fn)
+            # not raised is recomputed all the same, and so is one that may call a built-in whose
+            # version was raised (its scores would change with the built-in's)
+            revision += "+" + source_digest(fn) + "." + builtin_versions_digest()
         method = Method(name, fn, dict(defaults or {}), nap_offset, tuple(one_of), dict(paper or {}),
                         tuple(integer), dict(qualifies or {}), revision, origin, spec)
         for benchmark, setting in method.paper.items():  # a paper setting must be one the method takes
@@ -252,6 +253,14 @@ def register(name: str, *, defaults: dict | None = None, nap_offset: float = 0.0
         return fn
 
     return wrap
+
+
+def builtin_versions_digest() -> str:
+    """The first 8 hex digits of sha256 over every built-in method's name and version."""
+    import hashlib
+
+    pairs = sorted((name, m.version) for name, m in REGISTRY.items() if m.origin == "featcache")
+    return hashlib.sha256(repr(pairs).encode()).hexdigest()[:8]
 
 
 def source_digest(fn) -> str:

@@ -69,12 +69,9 @@ class Head:
         memoised heads) while it holds the very same read-only array owning its memory, else made at
         each call, since a plugin's own head may be changed in place (through any view), or given
         another array, between calls."""
-        weight = self.weight
-        if not self.__dict__.get("_sealed") or weight.flags.writeable or weight.base is not None:
+        weight, held = self.weight, self.__dict__.get("_weight_forms")  # (the sealed weight, its forms)
+        if held is None or held[0] is not weight or weight.flags.writeable or weight.base is not None:
             return make()
-        held = self.__dict__.get("_weight_forms")
-        if held is None or held[0] is not weight:
-            held = self.__dict__["_weight_forms"] = (weight, {})
         if name not in held[1]:
             held[1][name] = make()
         return held[1][name]
@@ -186,8 +183,8 @@ def read_only(value):
         for field in dataclasses.fields(value):
             read_only(getattr(value, field.name))
         if isinstance(value, Head):
-            # its arrays can no longer change through it: forms of its weight may be kept (Head._weight_form)
-            value.__dict__["_sealed"] = True
+            # its weight can no longer change through it: forms of that weight may be kept (Head._weight_form)
+            value.__dict__["_weight_forms"] = (value.weight, {})
     elif isinstance(value, (tuple, list)):
         for item in value:
             read_only(item)
